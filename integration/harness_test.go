@@ -496,4 +496,3 @@ func (c *circle) startAll() {
 		c.nodes[name].waitMembers(len(c.order))
 	}
 }
-
