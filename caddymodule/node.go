@@ -1,0 +1,263 @@
+package caddymodule
+
+import (
+	"context"
+	"crypto/hkdf"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+
+	"github.com/homecircle/circle/identity"
+	"github.com/homecircle/circle/replicator"
+)
+
+// nodes holds this process's circle node(s), keyed by poolKey. In practice
+// there is one: the `circle` app acquires it in Provision, and a config
+// reload acquires the same key before the old config releases it, so the
+// node (its bbolt file, gossip sockets and identity service) survives reloads.
+var nodes = caddy.NewUsagePool()
+
+// storageKeyInfo is the HKDF label of the at-rest key for certificate keys.
+const storageKeyInfo = "circle storage keys v1"
+
+// poolKey identifies a node by what makes it a distinct node: its name and
+// its data directory (one bbolt file can only be opened once).
+func poolKey(name, dataDir string) string {
+	return "circle-node|" + name + "|" + dataDir
+}
+
+// nodeConfig is what the app hands to acquireNode.
+type nodeConfig struct {
+	replicator  replicator.Config
+	identity    identity.Config
+	syncTimeout time.Duration
+	logger      *zap.Logger
+}
+
+// fingerprint digests the settings that need a new node to change, so a
+// reload with different settings can say that they are not applied. It
+// never leaves the process.
+func (c nodeConfig) fingerprint() [32]byte {
+	h := sha256.New()
+	w := func(s string) {
+		var n [8]byte
+		binary.BigEndian.PutUint64(n[:], uint64(len(s)))
+		h.Write(n[:])
+		io.WriteString(h, s)
+	}
+	r := c.replicator
+	w(r.Name)
+	w(r.DataDir)
+	w(string(r.Secret))
+	w(r.BindAddr)
+	w(r.AdvertiseAddr)
+	for _, j := range r.Join {
+		w(j)
+	}
+	w(fmt.Sprint(r.Replicas, r.AckTimeout, r.AntiEntropyInterval, r.FirstWriterWins))
+	w(c.identity.Domain)
+	var out [32]byte
+	copy(out[:], h.Sum(nil))
+	return out
+}
+
+// sharedNode is one replicator node and the identity service on top of it.
+// It is created by acquireNode and closed by the pool when the last config
+// that uses it is cleaned up.
+type sharedNode struct {
+	repl        *replicator.Node
+	ident       *identity.Service
+	storageKey  []byte // AES-256 key for certificate private keys at rest
+	fingerprint [32]byte
+	cancel      context.CancelFunc // stops the identity service's background work
+}
+
+// Destruct closes the identity service and then the replicator node.
+func (s *sharedNode) Destruct() error {
+	s.cancel()
+	var errs []error
+	if s.ident != nil {
+		if err := s.ident.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("closing identity service: %w", err))
+		}
+	}
+	if err := s.repl.Close(); err != nil && !errors.Is(err, replicator.ErrClosed) {
+		errs = append(errs, fmt.Errorf("closing replicator: %w", err))
+	}
+	return errors.Join(errs...)
+}
+
+// acquireNode returns the node for key, opening it on first use. Every
+// successful call must be paired with nodes.Delete(key).
+func acquireNode(key string, cfg nodeConfig) (*sharedNode, error) {
+	val, loaded, err := nodes.LoadOrNew(key, func() (caddy.Destructor, error) {
+		return openSharedNode(cfg)
+	})
+	if err != nil {
+		return nil, err
+	}
+	sn := val.(*sharedNode)
+	if loaded && sn.fingerprint != cfg.fingerprint() {
+		cfg.logger.Warn("circle node settings changed; they apply after a restart of the process, the running node is kept",
+			zap.String("name", cfg.replicator.Name))
+	}
+	return sn, nil
+}
+
+// openSharedNode opens the replicator, waits (bounded) for a first exchange
+// of state with a peer, then starts the identity service on it.
+func openSharedNode(cfg nodeConfig) (*sharedNode, error) {
+	key, err := hkdf.Key(sha256.New, cfg.replicator.Secret, nil, storageKeyInfo, 32)
+	if err != nil {
+		return nil, fmt.Errorf("deriving storage key: %w", err)
+	}
+	repl, err := replicator.Open(cfg.replicator)
+	if err != nil {
+		return nil, fmt.Errorf("opening replicator: %w", err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	sn := &sharedNode{repl: repl, storageKey: key, fingerprint: cfg.fingerprint(), cancel: cancel}
+
+	waitInitialSync(ctx, repl, len(cfg.replicator.Join) > 0, cfg.syncTimeout, cfg.logger)
+
+	ident, err := identity.New(identityStore{repl}, cfg.identity)
+	if err != nil {
+		sn.Destruct()
+		return nil, fmt.Errorf("creating identity service: %w", err)
+	}
+	sn.ident = ident
+	if err := ident.Start(ctx); err != nil {
+		sn.Destruct()
+		return nil, fmt.Errorf("starting identity service: %w", err)
+	}
+	cfg.logger.Info("circle node opened",
+		zap.String("name", cfg.replicator.Name),
+		zap.String("data_dir", cfg.replicator.DataDir),
+		zap.String("listen", cfg.replicator.BindAddr))
+	return sn, nil
+}
+
+// joinGrace is how long a joining node waits for any peer to answer before
+// it starts alone (the first node of a circle, or every seed down).
+const joinGrace = 3 * time.Second
+
+// waitInitialSync blocks until the node has exchanged state with a peer, no
+// peer answered within joinGrace, or timeout passed. Without it a node that
+// starts next to a running circle would not yet see the shared CA and would
+// create a second root. It polls; the replicator joins in the background.
+func waitInitialSync(ctx context.Context, n *replicator.Node, joining bool, timeout time.Duration, log *zap.Logger) {
+	if !joining || timeout <= 0 {
+		return
+	}
+	start := time.Now()
+	deadline := start.Add(timeout)
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		peers := alivePeers(n)
+		if peers > 0 && synced(n, start) {
+			log.Info("synced with the circle", zap.Int("alive_peers", peers), zap.Duration("took", time.Since(start)))
+			return
+		}
+		now := time.Now()
+		if peers == 0 && now.Sub(start) > min(joinGrace, timeout) {
+			log.Info("no peer reachable yet; starting alone, joining in the background")
+			return
+		}
+		if now.After(deadline) {
+			log.Warn("no complete exchange of state with a peer yet; continuing", zap.Int("alive_peers", peers),
+				zap.Duration("waited", timeout))
+			return
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// alivePeers counts the alive members other than n itself.
+func alivePeers(n *replicator.Node) int {
+	c := 0
+	for _, m := range n.Members() {
+		if m.Name != n.Name() && m.State == "alive" {
+			c++
+		}
+	}
+	return c
+}
+
+// synced reports whether n completed an anti-entropy exchange since t.
+func synced(n *replicator.Node, t time.Time) bool {
+	return n.Stats().LastAntiEntropy.After(t)
+}
+
+// identityStore adapts *replicator.Node to identity.Store.
+type identityStore struct {
+	n *replicator.Node
+}
+
+// mapErr turns replicator.ErrNotFound into identity.ErrNotFound.
+func mapErr(err error) error {
+	if errors.Is(err, replicator.ErrNotFound) {
+		return fmt.Errorf("%w: %w", identity.ErrNotFound, err)
+	}
+	return err
+}
+
+// Get implements identity.Store.
+func (s identityStore) Get(bucket, key string) ([]byte, error) {
+	r, err := s.n.Get(bucket, key)
+	if err != nil {
+		return nil, mapErr(err)
+	}
+	return r.Value, nil
+}
+
+// List implements identity.Store.
+func (s identityStore) List(bucket, prefix string) ([]identity.Entry, error) {
+	recs, err := s.n.List(bucket, prefix)
+	if err != nil {
+		return nil, mapErr(err)
+	}
+	out := make([]identity.Entry, 0, len(recs))
+	for _, r := range recs {
+		out = append(out, identity.Entry{Key: r.Key, Value: r.Value})
+	}
+	return out, nil
+}
+
+// Put implements identity.Store.
+func (s identityStore) Put(ctx context.Context, bucket, key string, value []byte) error {
+	return mapErr(s.n.Put(ctx, bucket, key, value))
+}
+
+// Delete implements identity.Store.
+func (s identityStore) Delete(ctx context.Context, bucket, key string) error {
+	return mapErr(s.n.Delete(ctx, bucket, key))
+}
+
+// PutAsync implements identity.Store.
+func (s identityStore) PutAsync(bucket, key string, value []byte) error {
+	return mapErr(s.n.PutAsync(bucket, key, value))
+}
+
+// Watch implements identity.Store.
+func (s identityStore) Watch(bucket string, fn func(key string, value []byte, deleted bool)) (cancel func()) {
+	return s.n.Watch(bucket, func(r replicator.Record) {
+		fn(r.Key, r.Value, r.Deleted)
+	})
+}
+
+// Interface guards
+var (
+	_ identity.Store   = identityStore{}
+	_ caddy.Destructor = (*sharedNode)(nil)
+)

@@ -1,0 +1,533 @@
+package caddymodule
+
+import (
+	"context"
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"path"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/certmagic"
+	"go.uber.org/zap"
+
+	"github.com/homecircle/circle/replicator"
+)
+
+func init() {
+	caddy.RegisterModule(Storage{})
+}
+
+// Buckets used by the storage.
+const (
+	bucketCerts = "certs"
+	bucketLocks = "locks"
+)
+
+// Storage defaults.
+const (
+	// DefaultLockTTL is how long a lock lease lasts without a refresh.
+	DefaultLockTTL = 30 * time.Second
+	// DefaultLockPoll is how often a waiting Lock looks at the lease again.
+	DefaultLockPoll = time.Second
+)
+
+// sealedVersion is the first byte of a value encrypted at rest. Layout:
+// version (1) | nonce (12) | AES-256-GCM ciphertext and tag, with the
+// additional data "circle certs v1\x00" + key so values cannot be moved
+// between keys.
+const sealedVersion = 1
+
+// Storage is `caddy.storage.circle`: certmagic storage on the circle's
+// replicated store, so every node serves the same certificates and the same
+// internal CA. Keys are stored in bucket "certs"; values of keys ending in
+// ".key" are encrypted at rest with AES-256-GCM under
+// HKDF-SHA256(circle secret, "circle storage keys v1"). Locks are leases in
+// bucket "locks" ({owner, expires}) that a holder refreshes and that others
+// take over once expired: a gossip store cannot give mutual exclusion, so a
+// rare duplicate ACME order during a partition is possible and tolerable.
+//
+// It needs the `circle` app (the global option), whose node it uses.
+type Storage struct {
+	// LockTTL is how long a lock lease lasts unless refreshed; holders
+	// refresh it every third of it. Default: 30s.
+	LockTTL caddy.Duration `json:"lock_ttl,omitempty"`
+
+	// LockPollInterval is how often a waiting Lock checks the lease.
+	// Default: 1s.
+	LockPollInterval caddy.Duration `json:"lock_poll_interval,omitempty"`
+
+	node   *replicator.Node
+	aead   cipher.AEAD
+	owner  string // this storage instance: node name + random suffix
+	logger *zap.Logger
+
+	mu   *sync.Mutex       // guards held (a pointer: the module value is copied by CaddyModule)
+	held map[string]*lease // locks this instance holds, by name
+}
+
+// lease is a lock held by this instance.
+type lease struct {
+	token string
+	stop  chan struct{} // closed to stop the refresher
+	done  chan struct{} // closed when the refresher returned
+}
+
+// leaseRecord is the value of a lock in bucket "locks".
+type leaseRecord struct {
+	Owner   string    `json:"owner"`
+	Token   string    `json:"token"`
+	Expires time.Time `json:"expires"`
+}
+
+// CaddyModule returns the Caddy module information.
+func (Storage) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "caddy.storage.circle",
+		New: func() caddy.Module { return new(Storage) },
+	}
+}
+
+// Provision gets the circle app, which opens (or reuses) the node. Storage
+// is provisioned before the apps, and the apps' raw config is already
+// loaded, so asking the context for the app provisions it right here.
+func (s *Storage) Provision(ctx caddy.Context) error {
+	s.logger = ctx.Logger()
+	appIface, err := ctx.AppIfConfigured("circle")
+	if err != nil {
+		return fmt.Errorf("storage circle needs the circle global option: %w", err)
+	}
+	app, ok := appIface.(*App)
+	if !ok || app.node == nil {
+		return errors.New("storage circle: the circle app has no node")
+	}
+	return s.init(app.node.repl, app.Name, app.node.storageKey)
+}
+
+// init sets up the storage on node; it is Provision without Caddy.
+func (s *Storage) init(node *replicator.Node, nodeName string, key []byte) error {
+	if s.logger == nil {
+		s.logger = zap.NewNop()
+	}
+	if s.LockTTL <= 0 {
+		s.LockTTL = caddy.Duration(DefaultLockTTL)
+	}
+	if s.LockPollInterval <= 0 {
+		s.LockPollInterval = caddy.Duration(DefaultLockPoll)
+	}
+	block, err := aes.NewCipher(key)
+	if err != nil {
+		return fmt.Errorf("loading storage key: %w", err)
+	}
+	s.aead, err = cipher.NewGCM(block)
+	if err != nil {
+		return fmt.Errorf("loading storage key: %w", err)
+	}
+	s.node = node
+	s.owner = nodeName + "/" + randomHex(8)
+	s.mu = new(sync.Mutex)
+	s.held = make(map[string]*lease)
+	return nil
+}
+
+// Cleanup stops the lease refreshers of this instance; leases it still
+// holds then expire on their own.
+func (s *Storage) Cleanup() error {
+	if s.mu == nil {
+		return nil
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for name, l := range s.held {
+		close(l.stop)
+		delete(s.held, name)
+	}
+	return nil
+}
+
+// CertMagicStorage returns the storage itself.
+func (s *Storage) CertMagicStorage() (certmagic.Storage, error) {
+	return s, nil
+}
+
+// put writes an acknowledged record. An acknowledgement timeout is not a
+// failure for certmagic: the record is durable here and keeps replicating.
+func (s *Storage) put(ctx context.Context, bucket, key string, value []byte) error {
+	err := s.node.Put(ctx, bucket, key, value)
+	if errors.Is(err, replicator.ErrAckTimeout) {
+		s.logger.Warn("stored locally, replication not yet acknowledged", zap.String("key", key))
+		return nil
+	}
+	return err
+}
+
+// del tombstones a record, with put's tolerance for acknowledgement timeouts.
+func (s *Storage) del(ctx context.Context, bucket, key string) error {
+	err := s.node.Delete(ctx, bucket, key)
+	switch {
+	case errors.Is(err, replicator.ErrAckTimeout):
+		s.logger.Warn("deleted locally, replication not yet acknowledged", zap.String("key", key))
+		return nil
+	case errors.Is(err, replicator.ErrNotFound):
+		return nil
+	}
+	return err
+}
+
+func normKey(key string) string {
+	return strings.Trim(key, "/")
+}
+
+// sensitive reports whether the value of key is encrypted at rest.
+func sensitive(key string) bool {
+	return strings.HasSuffix(key, ".key")
+}
+
+func additionalData(key string) []byte {
+	return []byte("circle certs v1\x00" + key)
+}
+
+func (s *Storage) seal(key string, plain []byte) []byte {
+	out := make([]byte, 1+s.aead.NonceSize(), 1+s.aead.NonceSize()+len(plain)+s.aead.Overhead())
+	out[0] = sealedVersion
+	rand.Read(out[1:])
+	return s.aead.Seal(out, out[1:], plain, additionalData(key))
+}
+
+func (s *Storage) open(key string, sealed []byte) ([]byte, error) {
+	ns := s.aead.NonceSize()
+	if len(sealed) < 1+ns+s.aead.Overhead() || sealed[0] != sealedVersion {
+		return nil, fmt.Errorf("decrypting %s: unknown format", key)
+	}
+	plain, err := s.aead.Open(nil, sealed[1:1+ns], sealed[1+ns:], additionalData(key))
+	if err != nil {
+		return nil, fmt.Errorf("decrypting %s: wrong circle secret or corrupted value", key)
+	}
+	return plain, nil
+}
+
+// Store implements certmagic.Storage.
+func (s *Storage) Store(ctx context.Context, key string, value []byte) error {
+	key = normKey(key)
+	if key == "" {
+		return errors.New("storage circle: empty key")
+	}
+	if sensitive(key) {
+		value = s.seal(key, value)
+	}
+	if err := s.put(ctx, bucketCerts, key, value); err != nil {
+		return fmt.Errorf("storing %s: %w", key, err)
+	}
+	return nil
+}
+
+// Load implements certmagic.Storage. A missing key gives an error wrapping
+// fs.ErrNotExist.
+func (s *Storage) Load(ctx context.Context, key string) ([]byte, error) {
+	key = normKey(key)
+	rec, err := s.node.Get(bucketCerts, key)
+	if errors.Is(err, replicator.ErrNotFound) {
+		return nil, fmt.Errorf("loading %s: %w", key, fs.ErrNotExist)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("loading %s: %w", key, err)
+	}
+	if sensitive(key) {
+		return s.open(key, rec.Value)
+	}
+	return rec.Value, nil
+}
+
+// Delete implements certmagic.Storage: it deletes key and, if key is a
+// "directory", every key below it. Missing keys are not an error.
+func (s *Storage) Delete(ctx context.Context, key string) error {
+	key = normKey(key)
+	var keys []string
+	if key != "" {
+		if _, err := s.node.Get(bucketCerts, key); err == nil {
+			keys = append(keys, key)
+		}
+	}
+	below, err := s.node.List(bucketCerts, dirPrefix(key))
+	if err != nil {
+		return fmt.Errorf("deleting %s: %w", key, err)
+	}
+	for _, r := range below {
+		keys = append(keys, r.Key)
+	}
+	for _, k := range keys {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		if err := s.del(ctx, bucketCerts, k); err != nil {
+			return fmt.Errorf("deleting %s: %w", k, err)
+		}
+	}
+	return nil
+}
+
+// dirPrefix is the key prefix of the "directory" key.
+func dirPrefix(key string) string {
+	if key == "" {
+		return ""
+	}
+	return key + "/"
+}
+
+// Exists implements certmagic.Storage: key is a stored key or a prefix
+// ("directory") of one.
+func (s *Storage) Exists(ctx context.Context, key string) bool {
+	key = normKey(key)
+	if key != "" {
+		if _, err := s.node.Get(bucketCerts, key); err == nil {
+			return true
+		}
+	}
+	below, err := s.node.List(bucketCerts, dirPrefix(key))
+	return err == nil && len(below) > 0
+}
+
+// List implements certmagic.Storage like certmagic's FileStorage: the
+// entries directly below dir (files and directories), or with recursive
+// every file and directory below it. An empty or missing directory gives
+// an error wrapping fs.ErrNotExist.
+func (s *Storage) List(ctx context.Context, dir string, recursive bool) ([]string, error) {
+	dir = normKey(dir)
+	prefix := dirPrefix(dir)
+	recs, err := s.node.List(bucketCerts, prefix)
+	if err != nil {
+		return nil, fmt.Errorf("listing %s: %w", dir, err)
+	}
+	if len(recs) == 0 {
+		return nil, fmt.Errorf("listing %s: %w", dir, fs.ErrNotExist)
+	}
+	seen := make(map[string]bool)
+	var out []string
+	add := func(k string) {
+		if !seen[k] {
+			seen[k] = true
+			out = append(out, k)
+		}
+	}
+	for _, r := range recs {
+		rest := strings.TrimPrefix(r.Key, prefix)
+		parts := strings.Split(rest, "/")
+		if !recursive {
+			add(path.Join(dir, parts[0]))
+			continue
+		}
+		for i := range parts {
+			add(path.Join(dir, strings.Join(parts[:i+1], "/")))
+		}
+	}
+	sort.Strings(out)
+	return out, ctx.Err()
+}
+
+// Stat implements certmagic.Storage. A directory is reported with
+// IsTerminal false; a missing key gives an error wrapping fs.ErrNotExist.
+func (s *Storage) Stat(ctx context.Context, key string) (certmagic.KeyInfo, error) {
+	key = normKey(key)
+	rec, err := s.node.Get(bucketCerts, key)
+	if err == nil {
+		size := int64(len(rec.Value))
+		if sensitive(key) {
+			size -= int64(1 + s.aead.NonceSize() + s.aead.Overhead())
+		}
+		return certmagic.KeyInfo{
+			Key:        key,
+			Modified:   versionTime(rec.Version),
+			Size:       max(size, 0),
+			IsTerminal: true,
+		}, nil
+	}
+	if !errors.Is(err, replicator.ErrNotFound) {
+		return certmagic.KeyInfo{}, fmt.Errorf("stat %s: %w", key, err)
+	}
+	below, err := s.node.List(bucketCerts, dirPrefix(key))
+	if err != nil {
+		return certmagic.KeyInfo{}, fmt.Errorf("stat %s: %w", key, err)
+	}
+	if len(below) == 0 {
+		return certmagic.KeyInfo{}, fmt.Errorf("stat %s: %w", key, fs.ErrNotExist)
+	}
+	var newest time.Time
+	for _, r := range below {
+		if t := versionTime(r.Version); t.After(newest) {
+			newest = t
+		}
+	}
+	return certmagic.KeyInfo{Key: key, Modified: newest, IsTerminal: false}, nil
+}
+
+// versionTime is the wall-clock part of a hybrid logical clock version
+// (milliseconds in the upper 48 bits).
+func versionTime(v replicator.Version) time.Time {
+	return time.UnixMilli(int64(v.Time >> 16))
+}
+
+// Lock implements certmagic.Locker: it waits, polling, until the lease for
+// name is free or expired, then takes it and keeps it fresh until Unlock.
+func (s *Storage) Lock(ctx context.Context, name string) error {
+	poll := time.NewTicker(time.Duration(s.LockPollInterval))
+	defer poll.Stop()
+	for {
+		ok, err := s.TryLock(ctx, name)
+		if err != nil || ok {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for lock %s: %w", name, context.Cause(ctx))
+		case <-poll.C:
+		}
+	}
+}
+
+// TryLock implements certmagic.TryLocker: one attempt to take the lease.
+func (s *Storage) TryLock(ctx context.Context, name string) (bool, error) {
+	if err := ctx.Err(); err != nil {
+		return false, err
+	}
+	s.mu.Lock()
+	_, mine := s.held[name]
+	s.mu.Unlock()
+	if mine {
+		return false, nil // held by this instance: only one holder at a time
+	}
+	if cur, ok := s.readLease(name); ok && time.Now().Before(cur.Expires) {
+		return false, nil
+	} else if ok {
+		s.logger.Info("taking over expired lock", zap.String("lock", name), zap.String("previous_owner", cur.Owner))
+	}
+
+	token := randomHex(16)
+	if err := s.writeLease(ctx, name, token, time.Duration(s.LockTTL)); err != nil {
+		return false, fmt.Errorf("taking lock %s: %w", name, err)
+	}
+	// Between two concurrent takers the record with the higher version
+	// wins; read back which one that is here.
+	if cur, ok := s.readLease(name); !ok || cur.Token != token {
+		return false, nil
+	}
+
+	l := &lease{token: token, stop: make(chan struct{}), done: make(chan struct{})}
+	s.mu.Lock()
+	if _, raced := s.held[name]; raced {
+		s.mu.Unlock()
+		return false, nil
+	}
+	s.held[name] = l
+	s.mu.Unlock()
+	go s.refresh(name, l)
+	return true, nil
+}
+
+// Unlock implements certmagic.Locker: it stops refreshing the lease and
+// removes it if it is still ours.
+func (s *Storage) Unlock(ctx context.Context, name string) error {
+	s.mu.Lock()
+	l, ok := s.held[name]
+	if ok {
+		delete(s.held, name)
+		close(l.stop)
+	}
+	s.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("unlocking %s: lock not held", name)
+	}
+	<-l.done
+	cur, found := s.readLease(name)
+	if !found || cur.Token != l.token {
+		s.logger.Warn("lock was taken over before unlock", zap.String("lock", name))
+		return nil
+	}
+	if err := s.del(ctx, bucketLocks, name); err != nil {
+		return fmt.Errorf("unlocking %s: %w", name, err)
+	}
+	return nil
+}
+
+// RenewLockLease implements certmagic.LockLeaseRenewer: the held lease on
+// lockKey now lasts leaseDuration from now (and keeps being refreshed).
+func (s *Storage) RenewLockLease(ctx context.Context, lockKey string, leaseDuration time.Duration) error {
+	s.mu.Lock()
+	l, ok := s.held[lockKey]
+	s.mu.Unlock()
+	if !ok {
+		return fmt.Errorf("renewing lock %s: lock not held", lockKey)
+	}
+	return s.writeLease(ctx, lockKey, l.token, max(leaseDuration, time.Duration(s.LockTTL)))
+}
+
+// refresh keeps a held lease from expiring until l.stop is closed.
+func (s *Storage) refresh(name string, l *lease) {
+	defer close(l.done)
+	t := time.NewTicker(time.Duration(s.LockTTL) / 3)
+	defer t.Stop()
+	for {
+		select {
+		case <-l.stop:
+			return
+		case <-t.C:
+		}
+		if cur, ok := s.readLease(name); ok && cur.Token != l.token {
+			s.logger.Warn("lock lease lost to another owner", zap.String("lock", name), zap.String("owner", cur.Owner))
+			return
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Duration(s.LockTTL)/3)
+		err := s.writeLease(ctx, name, l.token, time.Duration(s.LockTTL))
+		cancel()
+		if err != nil {
+			s.logger.Error("refreshing lock lease", zap.String("lock", name), zap.Error(err))
+		}
+	}
+}
+
+// readLease returns the current lease of name, if any.
+func (s *Storage) readLease(name string) (leaseRecord, bool) {
+	rec, err := s.node.Get(bucketLocks, name)
+	if err != nil {
+		return leaseRecord{}, false
+	}
+	var lr leaseRecord
+	if err := json.Unmarshal(rec.Value, &lr); err != nil {
+		return leaseRecord{}, false // unreadable lease: treat as free
+	}
+	return lr, true
+}
+
+// writeLease writes our lease for name, valid for ttl.
+func (s *Storage) writeLease(ctx context.Context, name, token string, ttl time.Duration) error {
+	b, err := json.Marshal(leaseRecord{Owner: s.owner, Token: token, Expires: time.Now().Add(ttl)})
+	if err != nil {
+		return err
+	}
+	return s.put(ctx, bucketLocks, name, b)
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// Interface guards
+var (
+	_ caddy.Module               = (*Storage)(nil)
+	_ caddy.Provisioner          = (*Storage)(nil)
+	_ caddy.CleanerUpper         = (*Storage)(nil)
+	_ caddy.StorageConverter     = (*Storage)(nil)
+	_ certmagic.Storage          = (*Storage)(nil)
+	_ certmagic.TryLocker        = (*Storage)(nil)
+	_ certmagic.LockLeaseRenewer = (*Storage)(nil)
+)
