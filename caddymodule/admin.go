@@ -1,0 +1,302 @@
+package caddymodule
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+	"go.uber.org/zap"
+
+	"github.com/homecircle/circle/identity"
+)
+
+func init() {
+	caddy.RegisterModule(adminAPI{})
+}
+
+// defaultInviteTTL is the lifetime of an invite when the request gives none.
+const defaultInviteTTL = 72 * time.Hour
+
+// maxAdminBody bounds admin API request bodies.
+const maxAdminBody = 1 << 20
+
+// adminAPI is `admin.api.circle`, the circle's endpoints on Caddy's admin
+// API (what the `caddy circle` subcommands talk to):
+//
+//	GET  /circle/status      node, members, replication, role
+//	POST /circle/users       {"username","password","name","email","groups"} -> 201 account
+//	POST /circle/invites     {"groups","ttl"} -> {"url","expires"}
+//	POST /circle/rotate-key  -> {"kid"}
+//
+// Admin routers are provisioned before the apps and survive failed config
+// loads, so the handlers look up the running circle app per request.
+type adminAPI struct {
+	logger *zap.Logger
+	app    func() *App // the running app; nil when not started
+}
+
+// CaddyModule returns the Caddy module information.
+func (adminAPI) CaddyModule() caddy.ModuleInfo {
+	return caddy.ModuleInfo{
+		ID:  "admin.api.circle",
+		New: func() caddy.Module { return new(adminAPI) },
+	}
+}
+
+// Provision sets up the admin routes.
+func (a *adminAPI) Provision(ctx caddy.Context) error {
+	a.logger = ctx.Logger().Named("admin.api.circle")
+	a.app = activeApp.Load
+	return nil
+}
+
+// Routes returns the admin routes of the circle.
+func (a *adminAPI) Routes() []caddy.AdminRoute {
+	return []caddy.AdminRoute{{Pattern: "/circle/", Handler: caddy.AdminHandlerFunc(a.serve)}}
+}
+
+func (a *adminAPI) serve(w http.ResponseWriter, r *http.Request) error {
+	var (
+		method  string
+		handler func(http.ResponseWriter, *http.Request, *App) error
+	)
+	switch r.URL.Path {
+	case "/circle/status":
+		method, handler = http.MethodGet, a.handleStatus
+	case "/circle/users":
+		method, handler = http.MethodPost, a.handleUsers
+	case "/circle/invites":
+		method, handler = http.MethodPost, a.handleInvites
+	case "/circle/rotate-key":
+		method, handler = http.MethodPost, a.handleRotateKey
+	default:
+		return apiError(http.StatusNotFound, fmt.Errorf("resource not found: %s", r.URL.Path))
+	}
+	if r.Method != method {
+		w.Header().Set("Allow", method)
+		return apiError(http.StatusMethodNotAllowed, fmt.Errorf("method not allowed: %s", r.Method))
+	}
+	var app *App
+	if a.app != nil {
+		app = a.app()
+	}
+	if app == nil || app.Identity() == nil {
+		return apiError(http.StatusServiceUnavailable, errors.New("the circle app is not running (is the circle global option configured?)"))
+	}
+	return handler(w, r, app)
+}
+
+func apiError(status int, err error) error {
+	return caddy.APIError{HTTPStatus: status, Err: err}
+}
+
+// statusJSON is the body of GET /circle/status.
+type statusJSON struct {
+	Name        string          `json:"name"`
+	Domain      string          `json:"domain"`
+	Role        string          `json:"role"`
+	Relay       string          `json:"relay,omitempty"`
+	Members     []memberJSON    `json:"members"`
+	Replication replicationJSON `json:"replication"`
+	Accounts    int             `json:"accounts"`
+}
+
+type memberJSON struct {
+	Name  string `json:"name"`
+	Addr  string `json:"addr"`
+	State string `json:"state"`
+	// Path is how this node reaches the member: "self", "direct" (the only
+	// path until the relay lands), later "punched" or "relayed".
+	Path string `json:"path"`
+}
+
+type replicationJSON struct {
+	Replicas   int  `json:"replicas"`
+	AlivePeers int  `json:"alive_peers"`
+	Healthy    bool `json:"healthy"`
+	Stats      any  `json:"stats"`
+}
+
+func (a *adminAPI) handleStatus(w http.ResponseWriter, r *http.Request, app *App) error {
+	repl := app.Replicator()
+	st := statusJSON{
+		Name:   app.NodeName(),
+		Domain: app.Domain(),
+		Role:   "member",
+		Relay:  app.Relay,
+	}
+	if app.Relay != "" {
+		st.Role = "member (relay configured, not active yet)"
+	}
+	alive := 0
+	for _, m := range repl.Members() {
+		mj := memberJSON{Name: m.Name, Addr: m.Addr, State: m.State, Path: "direct"}
+		if m.Name == app.NodeName() {
+			mj.Path = "self"
+		} else if m.State == "alive" {
+			alive++
+		}
+		if m.State != "alive" && mj.Path != "self" {
+			mj.Path = ""
+		}
+		st.Members = append(st.Members, mj)
+	}
+	sort.Slice(st.Members, func(i, j int) bool { return st.Members[i].Name < st.Members[j].Name })
+	st.Replication = replicationJSON{
+		Replicas:   app.Replicas,
+		AlivePeers: alive,
+		Healthy:    alive+1 >= app.Replicas,
+		Stats:      repl.Stats(),
+	}
+	if accts, err := app.Identity().Accounts(); err == nil {
+		st.Accounts = len(accts)
+	}
+	return writeJSON(w, http.StatusOK, st)
+}
+
+// newUserRequest is the body of POST /circle/users.
+type newUserRequest struct {
+	Username string   `json:"username"`
+	Password string   `json:"password"`
+	Name     string   `json:"name,omitempty"`
+	Email    string   `json:"email,omitempty"`
+	Groups   []string `json:"groups,omitempty"`
+}
+
+// accountJSON is an account as the admin API shows it (no secrets).
+type accountJSON struct {
+	ID       string   `json:"id"`
+	Username string   `json:"username"`
+	Name     string   `json:"name,omitempty"`
+	Email    string   `json:"email,omitempty"`
+	Groups   []string `json:"groups"`
+}
+
+func (a *adminAPI) handleUsers(w http.ResponseWriter, r *http.Request, app *App) error {
+	var req newUserRequest
+	if err := decodeBody(r, &req, false); err != nil {
+		return err
+	}
+	if req.Username == "" || req.Password == "" {
+		return apiError(http.StatusBadRequest, errors.New("username and password are required"))
+	}
+	acct, err := app.Identity().CreateAccount(r.Context(), identity.NewAccount{
+		Username: req.Username,
+		Password: req.Password,
+		Name:     req.Name,
+		Email:    req.Email,
+		Groups:   req.Groups,
+	})
+	if err != nil {
+		return identityError("creating account", err)
+	}
+	a.logger.Info("account created", zap.String("username", acct.Username), zap.Strings("groups", acct.Groups))
+	groups := acct.Groups
+	if groups == nil {
+		groups = []string{}
+	}
+	return writeJSON(w, http.StatusCreated, accountJSON{
+		ID: acct.ID, Username: acct.Username, Name: acct.Name, Email: acct.Email, Groups: groups,
+	})
+}
+
+// inviteRequest is the body of POST /circle/invites.
+type inviteRequest struct {
+	Groups []string `json:"groups,omitempty"`
+	// TTL is a duration such as "72h" or "3d". Default: 72h.
+	TTL string `json:"ttl,omitempty"`
+}
+
+type inviteJSON struct {
+	URL     string    `json:"url"`
+	Expires time.Time `json:"expires"`
+}
+
+func (a *adminAPI) handleInvites(w http.ResponseWriter, r *http.Request, app *App) error {
+	var req inviteRequest
+	if err := decodeBody(r, &req, true); err != nil { // no body: all defaults
+		return err
+	}
+	ttl := defaultInviteTTL
+	if req.TTL != "" {
+		d, err := caddy.ParseDuration(req.TTL)
+		if err != nil || d <= 0 {
+			return apiError(http.StatusBadRequest, fmt.Errorf("ttl %q is not a positive duration", req.TTL))
+		}
+		ttl = d
+	}
+	token, err := app.Identity().CreateInvite(r.Context(), req.Groups, ttl, "admin-api")
+	if err != nil {
+		return identityError("creating invite", err)
+	}
+	u := url.URL{Scheme: "https", Host: app.Domain(), Path: "/register", RawQuery: url.Values{"invite": {token}}.Encode()}
+	a.logger.Info("invite created", zap.Strings("groups", req.Groups), zap.Duration("ttl", ttl))
+	return writeJSON(w, http.StatusOK, inviteJSON{URL: u.String(), Expires: time.Now().Add(ttl).UTC().Truncate(time.Second)})
+}
+
+func (a *adminAPI) handleRotateKey(w http.ResponseWriter, r *http.Request, app *App) error {
+	kid, err := app.Identity().RotateKey(r.Context())
+	if err != nil {
+		return identityError("rotating signing key", err)
+	}
+	a.logger.Info("signing key rotated", zap.String("kid", kid))
+	return writeJSON(w, http.StatusOK, map[string]string{"kid": kid})
+}
+
+// identityError maps identity errors to admin API errors: the client's
+// mistakes are 4xx, only the service's own failures are 5xx.
+func identityError(what string, err error) error {
+	status := http.StatusInternalServerError
+	switch {
+	case errors.Is(err, identity.ErrUsernameTaken):
+		status = http.StatusConflict
+	case errors.Is(err, identity.ErrInvalidUsername),
+		errors.Is(err, identity.ErrWeakPassword),
+		errors.Is(err, identity.ErrInvalidInput):
+		status = http.StatusBadRequest
+	}
+	return apiError(status, fmt.Errorf("%s: %w", what, err))
+}
+
+// decodeBody decodes a JSON request body into v; every mistake is a 400.
+// With allowEmpty, an empty body leaves v as it is.
+func decodeBody(r *http.Request, v any, allowEmpty bool) error {
+	if ct := r.Header.Get("Content-Type"); ct != "" && !strings.HasPrefix(ct, "application/json") {
+		return apiError(http.StatusUnsupportedMediaType, fmt.Errorf("content type %q is not application/json", ct))
+	}
+	dec := json.NewDecoder(io.LimitReader(r.Body, maxAdminBody))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		if errors.Is(err, io.EOF) {
+			if allowEmpty {
+				return nil
+			}
+			return apiError(http.StatusBadRequest, errors.New("empty request body, expected JSON"))
+		}
+		return apiError(http.StatusBadRequest, fmt.Errorf("decoding request: %w", err))
+	}
+	if dec.More() {
+		return apiError(http.StatusBadRequest, errors.New("request body has data after the JSON object"))
+	}
+	return nil
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) error {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	return json.NewEncoder(w).Encode(v)
+}
+
+// Interface guards
+var (
+	_ caddy.Module      = (*adminAPI)(nil)
+	_ caddy.Provisioner = (*adminAPI)(nil)
+	_ caddy.AdminRouter = (*adminAPI)(nil)
+)
