@@ -75,7 +75,7 @@ type sharedNode struct {
 	ident       *identity.Service
 	storageKey  []byte // AES-256 key for certificate private keys at rest
 	fingerprint [32]byte
-	cancel      context.CancelFunc // stops the identity service's background work
+	cancel      context.CancelFunc // ends the initial sync wait and identity start
 }
 
 // Destruct closes the identity service and then the replicator node.
@@ -132,7 +132,10 @@ func openSharedNode(cfg nodeConfig) (*sharedNode, error) {
 		return nil, fmt.Errorf("creating identity service: %w", err)
 	}
 	sn.ident = ident
-	if err := ident.Start(ctx); err != nil {
+	startCtx, cancelStart := context.WithTimeout(ctx, identityStartTimeout)
+	err = ident.Start(startCtx)
+	cancelStart()
+	if err != nil {
 		sn.Destruct()
 		return nil, fmt.Errorf("starting identity service: %w", err)
 	}
@@ -142,6 +145,10 @@ func openSharedNode(cfg nodeConfig) (*sharedNode, error) {
 		zap.String("listen", cfg.replicator.BindAddr))
 	return sn, nil
 }
+
+// identityStartTimeout bounds the identity service's start (loading its
+// state and, on a new circle, writing the first signing key).
+const identityStartTimeout = 30 * time.Second
 
 // joinGrace is how long a joining node waits for any peer to answer before
 // it starts alone (the first node of a circle, or every seed down).

@@ -75,6 +75,9 @@ type Storage struct {
 	held map[string]*lease // locks this instance holds, by name
 }
 
+// leaseMu serialises taking leases within this process.
+var leaseMu sync.Mutex
+
 // lease is a lock held by this instance.
 type lease struct {
 	token string
@@ -404,6 +407,11 @@ func (s *Storage) TryLock(ctx context.Context, name string) (bool, error) {
 	if mine {
 		return false, nil // held by this instance: only one holder at a time
 	}
+	// Within this process, check-write-read is one step, so instances on the
+	// same node exclude each other exactly; across nodes the lease is best
+	// effort (the higher version wins once both writes have met).
+	leaseMu.Lock()
+	defer leaseMu.Unlock()
 	if cur, ok := s.readLease(name); ok && time.Now().Before(cur.Expires) {
 		return false, nil
 	} else if ok {

@@ -1,0 +1,366 @@
+package caddymodule
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"net"
+	"reflect"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/caddyserver/caddy/v2"
+
+	"github.com/homecircle/circle/replicator"
+)
+
+// freeAddr returns a loopback host:port free for both TCP and UDP (the
+// gossip port uses both).
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	for range 50 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr := l.Addr().String()
+		u, err := net.ListenPacket("udp", addr)
+		l.Close()
+		if err != nil {
+			continue
+		}
+		u.Close()
+		return addr
+	}
+	t.Fatal("no free port")
+	return ""
+}
+
+func testSecret(t *testing.T) []byte {
+	b := make([]byte, 32)
+	rand.Read(b)
+	return b
+}
+
+// openTestNode opens a single real replicator node in t.TempDir().
+func openTestNode(t *testing.T, name string, secret []byte) *replicator.Node {
+	t.Helper()
+	cfg := replicator.DefaultConfig()
+	cfg.Name = name
+	cfg.DataDir = t.TempDir()
+	cfg.Secret = secret
+	cfg.BindAddr = freeAddr(t)
+	cfg.Replicas = 1
+	cfg.AckTimeout = 2 * time.Second
+	n, err := replicator.Open(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { n.Close() })
+	return n
+}
+
+func newTestStorage(t *testing.T, n *replicator.Node, key []byte) *Storage {
+	t.Helper()
+	s := &Storage{LockTTL: caddy.Duration(600 * time.Millisecond), LockPollInterval: caddy.Duration(20 * time.Millisecond)}
+	if err := s.init(n, n.Name(), key); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Cleanup() })
+	return s
+}
+
+func TestStorageSemantics(t *testing.T) {
+	ctx := context.Background()
+	n := openTestNode(t, "solo", testSecret(t))
+	key := testSecret(t)
+	s := newTestStorage(t, n, key)
+
+	if _, err := s.Load(ctx, "missing"); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("Load(missing) = %v, want fs.ErrNotExist", err)
+	}
+	if _, err := s.Stat(ctx, "missing"); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("Stat(missing) = %v, want fs.ErrNotExist", err)
+	}
+	if _, err := s.List(ctx, "missing", true); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("List(missing) = %v, want fs.ErrNotExist", err)
+	}
+	if s.Exists(ctx, "missing") {
+		t.Fatal("Exists(missing)")
+	}
+	if err := s.Delete(ctx, "missing"); err != nil {
+		t.Fatalf("Delete(missing) = %v, want nil", err)
+	}
+
+	files := map[string][]byte{
+		"certificates/acme/example.com/example.com.crt":  []byte("CERT"),
+		"certificates/acme/example.com/example.com.key":  []byte("-----BEGIN EC PRIVATE KEY-----secret"),
+		"certificates/acme/example.com/example.com.json": []byte(`{"sans":["example.com"]}`),
+		"certificates/acme/other.net/other.net.crt":      []byte("CERT2"),
+		"pki/authorities/local/root.crt":                 []byte("ROOT"),
+		"pki/authorities/local/root.key":                 []byte("ROOTKEY"),
+		"last_clean.json":                                []byte("{}"),
+	}
+	before := time.Now().Add(-time.Second)
+	for k, v := range files {
+		if err := s.Store(ctx, k, v); err != nil {
+			t.Fatalf("Store(%s): %v", k, err)
+		}
+	}
+	for k, v := range files {
+		got, err := s.Load(ctx, k)
+		if err != nil || !bytes.Equal(got, v) {
+			t.Fatalf("Load(%s) = %q, %v; want %q", k, got, err, v)
+		}
+		info, err := s.Stat(ctx, k)
+		if err != nil || !info.IsTerminal || info.Key != k || info.Size != int64(len(v)) {
+			t.Fatalf("Stat(%s) = %+v, %v", k, info, err)
+		}
+		if info.Modified.Before(before) || info.Modified.After(time.Now().Add(time.Second)) {
+			t.Fatalf("Stat(%s).Modified = %v, not about now", k, info.Modified)
+		}
+	}
+	if err := s.Store(ctx, "last_clean.json", []byte(`{"v":2}`)); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := s.Load(ctx, "last_clean.json"); string(got) != `{"v":2}` {
+		t.Fatalf("overwrite: Load = %q", got)
+	}
+
+	for _, k := range []string{"certificates", "certificates/acme", "pki/authorities/local", "last_clean.json"} {
+		if !s.Exists(ctx, k) {
+			t.Errorf("Exists(%s) = false", k)
+		}
+	}
+	if s.Exists(ctx, "certificates/ac") {
+		t.Error("Exists of a partial path segment")
+	}
+	info, err := s.Stat(ctx, "certificates/acme")
+	if err != nil || info.IsTerminal {
+		t.Fatalf("Stat(dir) = %+v, %v; want a non-terminal key", info, err)
+	}
+
+	list := func(dir string, rec bool) []string {
+		t.Helper()
+		got, err := s.List(ctx, dir, rec)
+		if err != nil {
+			t.Fatalf("List(%q, %v): %v", dir, rec, err)
+		}
+		return got
+	}
+	if got, want := list("certificates/acme", false), []string{"certificates/acme/example.com", "certificates/acme/other.net"}; !reflect.DeepEqual(got, want) {
+		t.Errorf("List non-recursive = %v, want %v", got, want)
+	}
+	if got, want := list("", false), []string{"certificates", "last_clean.json", "pki"}; !reflect.DeepEqual(got, want) {
+		t.Errorf("List root = %v, want %v", got, want)
+	}
+	wantRec := []string{
+		"certificates/acme",
+		"certificates/acme/example.com",
+		"certificates/acme/example.com/example.com.crt",
+		"certificates/acme/example.com/example.com.json",
+		"certificates/acme/example.com/example.com.key",
+		"certificates/acme/other.net",
+		"certificates/acme/other.net/other.net.crt",
+	}
+	if got := list("certificates", true); !reflect.DeepEqual(got, wantRec) {
+		t.Errorf("List recursive = %v, want %v", got, wantRec)
+	}
+
+	// Private keys are encrypted at rest, bound to their key name.
+	for _, k := range []string{"certificates/acme/example.com/example.com.key", "pki/authorities/local/root.key"} {
+		rec, err := n.Get(bucketCerts, k)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if bytes.Contains(rec.Value, files[k]) || bytes.Contains(rec.Value, []byte("PRIVATE")) {
+			t.Fatalf("%s stored in the clear: %q", k, rec.Value)
+		}
+	}
+	if rec, _ := n.Get(bucketCerts, "pki/authorities/local/root.crt"); !bytes.Equal(rec.Value, []byte("ROOT")) {
+		t.Fatalf("certificate not stored as is: %q", rec.Value)
+	}
+	other := newTestStorage(t, n, testSecret(t))
+	if _, err := other.Load(ctx, "pki/authorities/local/root.key"); err == nil || errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("Load with another circle secret: %v, want a decryption error", err)
+	}
+	moved, _ := n.Get(bucketCerts, "pki/authorities/local/root.key")
+	if err := n.Put(ctx, bucketCerts, "pki/authorities/local/intermediate.key", moved.Value); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Load(ctx, "pki/authorities/local/intermediate.key"); err == nil {
+		t.Fatal("a sealed value moved to another key decrypted")
+	}
+
+	// Delete of a file, then of a directory with everything below it.
+	if err := s.Delete(ctx, "certificates/acme/other.net/other.net.crt"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Load(ctx, "certificates/acme/other.net/other.net.crt"); !errors.Is(err, fs.ErrNotExist) {
+		t.Fatalf("Load after Delete = %v", err)
+	}
+	if s.Exists(ctx, "certificates/acme/other.net") {
+		t.Fatal("empty directory still exists")
+	}
+	if err := s.Delete(ctx, "certificates"); err != nil {
+		t.Fatal(err)
+	}
+	if s.Exists(ctx, "certificates/acme/example.com/example.com.crt") || s.Exists(ctx, "certificates") {
+		t.Fatal("Delete(dir) left keys below it")
+	}
+	if !s.Exists(ctx, "last_clean.json") || !s.Exists(ctx, "pki") {
+		t.Fatal("Delete(dir) removed keys outside it")
+	}
+}
+
+func TestStorageLocks(t *testing.T) {
+	ctx := context.Background()
+	n := openTestNode(t, "locker", testSecret(t))
+	key := testSecret(t)
+	a := newTestStorage(t, n, key)
+	b := newTestStorage(t, n, key) // another instance: another owner
+
+	if err := a.Lock(ctx, "issue_cert_example.com"); err != nil {
+		t.Fatal(err)
+	}
+	if ok, err := b.TryLock(ctx, "issue_cert_example.com"); ok || err != nil {
+		t.Fatalf("TryLock of a held lock = %v, %v", ok, err)
+	}
+	if ok, err := a.TryLock(ctx, "issue_cert_example.com"); ok || err != nil {
+		t.Fatalf("TryLock by the holder itself = %v, %v", ok, err)
+	}
+	if ok, err := b.TryLock(ctx, "another"); !ok || err != nil {
+		t.Fatalf("TryLock of a free lock = %v, %v", ok, err)
+	}
+	if err := b.Unlock(ctx, "another"); err != nil {
+		t.Fatal(err)
+	}
+
+	// Held beyond several TTLs: the refresher keeps the lease alive.
+	deadline := time.Now().Add(3 * time.Duration(a.LockTTL))
+	for time.Now().Before(deadline) {
+		if ok, _ := b.TryLock(ctx, "issue_cert_example.com"); ok {
+			t.Fatal("a refreshed lease was taken over")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
+	waitCtx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+	err := b.Lock(waitCtx, "issue_cert_example.com")
+	cancel()
+	if err == nil {
+		t.Fatal("Lock of a held lock returned before its context ended")
+	}
+
+	// Unlock wakes a waiter.
+	got := make(chan error, 1)
+	go func() { got <- b.Lock(ctx, "issue_cert_example.com") }()
+	if err := a.Unlock(ctx, "issue_cert_example.com"); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-got:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("waiter did not get the lock after Unlock")
+	}
+	if err := b.Unlock(ctx, "issue_cert_example.com"); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Unlock(ctx, "issue_cert_example.com"); err == nil {
+		t.Fatal("Unlock of a lock not held succeeded")
+	}
+}
+
+func TestStorageLockTakeover(t *testing.T) {
+	ctx := context.Background()
+	n := openTestNode(t, "takeover", testSecret(t))
+	s := newTestStorage(t, n, testSecret(t))
+
+	// A lease left by a node that died: expired, never refreshed.
+	stale, _ := json.Marshal(leaseRecord{Owner: "dead/1", Token: "x", Expires: time.Now().Add(-time.Second)})
+	if err := n.Put(ctx, bucketLocks, "stale", stale); err != nil {
+		t.Fatal(err)
+	}
+	lockCtx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if err := s.Lock(lockCtx, "stale"); err != nil {
+		t.Fatalf("taking over an expired lease: %v", err)
+	}
+	lr, ok := s.readLease("stale")
+	if !ok || lr.Owner != s.owner {
+		t.Fatalf("lease after takeover: %+v", lr)
+	}
+
+	// A live lease of another node is respected until it expires.
+	live, _ := json.Marshal(leaseRecord{Owner: "peer/1", Token: "y", Expires: time.Now().Add(400 * time.Millisecond)})
+	if err := n.Put(ctx, bucketLocks, "live", live); err != nil {
+		t.Fatal(err)
+	}
+	if ok, _ := s.TryLock(ctx, "live"); ok {
+		t.Fatal("took a live lease")
+	}
+	start := time.Now()
+	if err := s.Lock(lockCtx, "live"); err != nil {
+		t.Fatal(err)
+	}
+	if time.Since(start) < 300*time.Millisecond {
+		t.Fatalf("took a live lease after %v", time.Since(start))
+	}
+
+	// RenewLockLease extends a held lease.
+	if err := s.RenewLockLease(ctx, "live", time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	if lr, _ := s.readLease("live"); time.Until(lr.Expires) < 50*time.Minute {
+		t.Fatalf("renewed lease expires %v", lr.Expires)
+	}
+	if err := s.RenewLockLease(ctx, "not-held", time.Hour); err == nil {
+		t.Fatal("renewed a lease not held")
+	}
+}
+
+func TestStorageLockMutualExclusion(t *testing.T) {
+	ctx := context.Background()
+	n := openTestNode(t, "mutex", testSecret(t))
+	key := testSecret(t)
+	var inside, max atomic.Int32
+	var wg sync.WaitGroup
+	for i := range 4 {
+		s := newTestStorage(t, n, key)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for j := range 5 {
+				if err := s.Lock(ctx, "shared"); err != nil {
+					t.Error(err)
+					return
+				}
+				v := inside.Add(1)
+				if v > max.Load() {
+					max.Store(v)
+				}
+				if err := s.Store(ctx, fmt.Sprintf("w/%d/%d", i, j), []byte("x")); err != nil {
+					t.Error(err)
+				}
+				inside.Add(-1)
+				if err := s.Unlock(ctx, "shared"); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if max.Load() != 1 {
+		t.Fatalf("%d holders at once", max.Load())
+	}
+}
