@@ -315,26 +315,13 @@ func (s *Service) Login(ctx context.Context, username, password, ip string) (Acc
 		return Account{}, err
 	}
 
-	var rec accountRecord
-	found := false
+	var cands []accountRecord
 	if valid && len(password) <= maxPasswordBytes {
-		if id, err := s.usernameOwner(name); err == nil && id != "" {
-			if r, err := s.loadAccount(id); err == nil && r.Username == name {
-				rec, found = r, true
-			}
-		}
+		cands = s.loginCandidates(name)
 	}
+	var rec accountRecord
 	ok := false
-	if found {
-		match, err := s.hasher.verify(ctx, password, rec.PasswordHash)
-		if err != nil && ctx.Err() != nil {
-			return Account{}, err
-		}
-		if err != nil {
-			s.log.Error("account has an unusable password hash", "account", rec.ID, "error", err)
-		}
-		ok = match && !rec.Disabled
-	} else {
+	if len(cands) == 0 {
 		pw := password
 		if len(pw) > maxPasswordBytes {
 			pw = pw[:maxPasswordBytes]
@@ -343,13 +330,27 @@ func (s *Service) Login(ctx context.Context, username, password, ip string) (Acc
 			return Account{}, err
 		}
 	}
+	for _, c := range cands {
+		match, err := s.hasher.verify(ctx, password, c.PasswordHash)
+		if err != nil && ctx.Err() != nil {
+			return Account{}, err
+		}
+		if err != nil {
+			s.log.Error("account has an unusable password hash", "account", c.ID, "error", err)
+		}
+		if match {
+			rec, ok = c, !c.Disabled
+			break
+		}
+	}
 	if !ok {
 		s.thr.fail(s.store, now, ipKey, acctKey)
 		return Account{}, ErrBadCredentials
 	}
 	s.thr.reset(s.store, acctKey)
 
-	// Safety net for a username collision whose watch event was missed.
+	// The account may have lost its name in a collision that has not been
+	// resolved yet: resolve it now, so the member is told to pick a new name.
 	if owner, err := s.usernameOwner(rec.Username); err == nil && owner != "" && owner != rec.ID {
 		if r, err := s.resolveCollision(ctx, rec.ID); err == nil {
 			rec = r
@@ -358,6 +359,42 @@ func (s *Service) Login(ctx context.Context, username, password, ip string) (Acc
 		}
 	}
 	return rec.account(), nil
+}
+
+// maxLoginCandidates bounds the accounts (so the hashes) one Login tries.
+const maxLoginCandidates = 3
+
+// loginCandidates returns the accounts a login as name may be for: the
+// account the usernames index gives the name to, then any other account
+// whose record still carries the name (it lost the name in a collision
+// not yet resolved, or its index entry has not replicated here yet). Only
+// a colliding name costs more than one hash.
+func (s *Service) loginCandidates(name string) []accountRecord {
+	var out []accountRecord
+	owner, _ := s.usernameOwner(name)
+	if owner != "" {
+		if r, err := s.loadAccount(owner); err == nil && r.Username == name {
+			out = append(out, r)
+		}
+	}
+	s.stateMu.RLock()
+	others := make([]string, 0, len(s.byName[name]))
+	for id := range s.byName[name] {
+		if id != owner {
+			others = append(others, id)
+		}
+	}
+	s.stateMu.RUnlock()
+	slices.Sort(others)
+	for _, id := range others {
+		if len(out) >= maxLoginCandidates {
+			break
+		}
+		if r, err := s.loadAccount(id); err == nil && r.Username == name {
+			out = append(out, r)
+		}
+	}
+	return out
 }
 
 // Account returns the account with id, or ErrNotFound.

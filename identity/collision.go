@@ -13,8 +13,8 @@ import (
 // different account. When they heal, the replicated usernames index (first
 // writer wins) keeps the earlier claim; the other account still has a
 // record carrying the name. Whichever node notices (a watch event on the
-// accounts or usernames bucket, the scan at Start, or a Login) renames the
-// loser to "<name>-<first 6 hex of its id>" (more hex if that is taken too)
+// accounts or usernames bucket, the scan at Start, or a Login by the old
+// name with the loser's password) renames the loser to "<name>-<first 6 hex of its id>" (more hex if that is taken too)
 // with MustRename set. The name is derived from the id, so nodes that do
 // this concurrently write the same result. Nothing is deleted; the member
 // logs in with the new name and picks another one with Rename.
@@ -61,7 +61,7 @@ func (s *Service) loadAccounts() error {
 			continue
 		}
 		s.applyAccount(rec.ID, &rec)
-		s.checkCollision(rec.ID, rec.Username)
+		s.checkCollision(rec.ID, &rec)
 	}
 	return nil
 }
@@ -78,7 +78,7 @@ func (s *Service) onAccountEvent(id string, value []byte, deleted bool) {
 		return
 	}
 	s.applyAccount(id, &rec)
-	s.checkCollision(id, rec.Username)
+	s.checkCollision(id, &rec)
 }
 
 // onUsernameEvent is the usernames bucket watch callback: every other
@@ -102,12 +102,22 @@ func (s *Service) onUsernameEvent(name string, value []byte, deleted bool) {
 }
 
 // checkCollision queues account id for renaming if the index gives its
-// username to another account.
-func (s *Service) checkCollision(id, username string) {
-	owner, err := s.usernameOwner(username)
-	if err == nil && owner != "" && owner != id {
-		s.queueRename(id)
+// username to another account, unless id looks like the rightful owner
+// whose own index entry has not arrived yet: the index keeps the earliest
+// claim, and a claim is made right after the account is created, so an
+// account created before the current owner will most likely take the index
+// over (a usernames watch event then renames the other one). Such an
+// account, if it does lose after all, is renamed when it next logs in.
+func (s *Service) checkCollision(id string, rec *accountRecord) {
+	owner, err := s.usernameOwner(rec.Username)
+	if err != nil || owner == "" || owner == id {
+		return
 	}
+	if o, err := s.loadAccount(owner); err == nil && o.Username == rec.Username &&
+		(rec.Created.Before(o.Created) || (rec.Created.Equal(o.Created) && id < owner)) {
+		return
+	}
+	s.queueRename(id)
 }
 
 func (s *Service) queueRename(id string) {

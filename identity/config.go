@@ -39,7 +39,7 @@ type Config struct {
 	Argon2Threads uint8
 
 	// CacheSize bounds the number of verified tokens cached by Verify.
-	// Default 10000.
+	// Default 10000; negative disables the cache.
 	CacheSize int
 
 	// IPFailures is the number of failed logins from one IP address within
@@ -139,7 +139,7 @@ func (c Config) withDefaults() (Config, error) {
 		return c, fmt.Errorf("identity: config: secret must be 32 bytes, got %d: %w", len(c.Secret), ErrInvalidInput)
 	case c.SessionTTL < 0, c.KeyRotation < 0, c.ThrottleWindow < 0:
 		return c, fmt.Errorf("identity: config: negative duration: %w", ErrInvalidInput)
-	case c.MaxConcurrentHashes < 0, c.CacheSize < 0, c.IPFailures < 0, c.AccountFailures < 0:
+	case c.MaxConcurrentHashes < 0, c.IPFailures < 0, c.AccountFailures < 0:
 		return c, fmt.Errorf("identity: config: negative limit: %w", ErrInvalidInput)
 	case c.Argon2Memory < 8*uint32(c.Argon2Threads):
 		return c, fmt.Errorf("identity: config: argon2 memory must be at least 8 KiB per thread: %w", ErrInvalidInput)

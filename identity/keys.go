@@ -231,7 +231,15 @@ func (s *Service) onKeyEvent(kid string, value []byte, deleted bool) {
 // signs with it from now on, here at once and on other nodes as soon as the
 // record reaches them. Older keys keep verifying until their not_after.
 func (s *Service) RotateKey(ctx context.Context) (kid string, err error) {
-	rec, err := s.newKeyRecord(s.cfg.Now())
+	now := s.cfg.Now()
+	s.keysMu.RLock()
+	if s.signing != nil && !now.After(s.signing.created) {
+		// Keep "newest" well defined when the clock has not moved (or went
+		// back): the new key must sort after the one it replaces.
+		now = s.signing.created.Add(time.Millisecond)
+	}
+	s.keysMu.RUnlock()
+	rec, err := s.newKeyRecord(now)
 	if err != nil {
 		return "", fmt.Errorf("identity: rotating key: %w", err)
 	}

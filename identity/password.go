@@ -43,6 +43,8 @@ type hasher struct {
 
 	dummySalt []byte // salt for hashes against no account
 	dummyHash []byte // random; nothing ever matches it
+
+	testHook func() // if set, called while holding a hashing slot (tests)
 }
 
 func newHasher(cfg Config) *hasher {
@@ -78,6 +80,9 @@ func (h *hasher) key(ctx context.Context, pw string, salt []byte, t, m uint32, p
 		if n <= old || h.maxInFlight.CompareAndSwap(old, n) {
 			break
 		}
+	}
+	if h.testHook != nil {
+		h.testHook()
 	}
 	k := argon2.IDKey([]byte(pw), salt, t, m, p, hashLen)
 	h.computed.Add(1)

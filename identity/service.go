@@ -146,7 +146,9 @@ func (s *Service) Start(ctx context.Context) error {
 	if err := s.loadAccounts(); err != nil {
 		return fail(fmt.Errorf("identity: starting: %w", err))
 	}
-	if _, err := s.signingKey(); err != nil {
+	// Rotate if there is no key we can sign with, or the newest is due
+	// (this node was down when it should have rotated).
+	if sk, err := s.signingKey(); err != nil || !s.cfg.Now().Before(sk.created.Add(s.cfg.KeyRotation)) {
 		if _, err := s.RotateKey(ctx); err != nil {
 			if _, serr := s.signingKey(); serr != nil {
 				return fail(fmt.Errorf("identity: starting: %w", err))

@@ -80,6 +80,7 @@ type sessionRecord struct {
 	IP        string    `json:"ip,omitempty"`
 	Created   time.Time `json:"created"`
 	Expires   time.Time `json:"expires"`
+	IssuedAt  int64     `json:"iat"` // the token's iat, for the "revoked before" rule
 }
 
 // revocationRecord is the value of revocations/sid:<sid> ({"exp"}: when the
@@ -117,6 +118,9 @@ func (s *Service) IssueSession(ctx context.Context, a Account, userAgent, ip str
 		iat = time.Unix(before.Unix()+1, 0)
 	}
 	exp := now.Add(s.cfg.SessionTTL).Truncate(time.Second)
+	if exp.After(key.notAfter) { // never outlive the key (only if rotation lagged)
+		exp = key.notAfter.Truncate(time.Second)
+	}
 	sess = Session{
 		ID:        base64.RawURLEncoding.EncodeToString(randomBytes(16)),
 		AccountID: rec.ID,
@@ -127,7 +131,7 @@ func (s *Service) IssueSession(ctx context.Context, a Account, userAgent, ip str
 	}
 	b, err := json.Marshal(sessionRecord{
 		V: sessionRecordVersion, ID: sess.ID, AccountID: sess.AccountID, UserAgent: sess.UserAgent,
-		IP: sess.IP, Created: sess.Created, Expires: sess.Expires,
+		IP: sess.IP, Created: sess.Created, Expires: sess.Expires, IssuedAt: iat.Unix(),
 	})
 	if err != nil {
 		return "", Session{}, fmt.Errorf("identity: encoding session: %w", err)
@@ -389,19 +393,19 @@ func (r sessionRecord) session() Session {
 }
 
 // listSessions returns every stored session of the account.
-func (s *Service) listSessions(accountID string) ([]Session, error) {
+func (s *Service) listSessions(accountID string) ([]sessionRecord, error) {
 	entries, err := s.store.List(bucketSessions, "")
 	if err != nil {
 		return nil, fmt.Errorf("identity: listing sessions: %w", err)
 	}
-	var out []Session
+	var out []sessionRecord
 	for _, e := range entries {
 		var rec sessionRecord
 		if err := json.Unmarshal(e.Value, &rec); err != nil || rec.ID != e.Key {
 			continue
 		}
 		if rec.AccountID == accountID {
-			out = append(out, rec.session())
+			out = append(out, rec)
 		}
 	}
 	return out, nil
@@ -415,20 +419,20 @@ func (s *Service) Sessions(accountID string) ([]Session, error) {
 		return nil, err
 	}
 	now := s.cfg.Now()
-	out := all[:0]
+	var out []Session
 	s.stateMu.RLock()
 	before, hasBefore := s.revokedBefore[accountID]
-	for _, sess := range all {
-		if !now.Before(sess.Expires) {
+	for _, rec := range all {
+		if !now.Before(rec.Expires) {
 			continue
 		}
-		if _, revoked := s.revokedSIDs[sess.ID]; revoked {
+		if _, revoked := s.revokedSIDs[rec.ID]; revoked {
 			continue
 		}
-		if hasBefore && !sess.Created.After(before) {
+		if hasBefore && rec.IssuedAt <= before.Unix() { // the rule Verify applies
 			continue
 		}
-		out = append(out, sess)
+		out = append(out, rec.session())
 	}
 	s.stateMu.RUnlock()
 	slices.SortFunc(out, func(a, b Session) int { return a.Created.Compare(b.Created) })
