@@ -104,7 +104,7 @@ func TestAppProvisionErrors(t *testing.T) {
 	ctx, cancel := caddy.NewContext(caddy.Context{Context: context.Background()})
 	defer cancel()
 	t.Setenv("CIRCLE_TEST_SECRET", secret)
-	t.Setenv("CIRCLE_TEST_BAD", "not-a-secret-value")
+	t.Setenv("CIRCLE_TEST_BAD", "%%not-a-secret-value%%")
 	for _, tc := range []struct {
 		name string
 		app  App

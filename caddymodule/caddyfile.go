@@ -3,6 +3,7 @@ package caddymodule
 import (
 	"strconv"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
@@ -156,13 +157,21 @@ func (s *Storage) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 // here while the handlers own their syntax.
 func parseHandlerModule(id string) httpcaddyfile.UnmarshalHandlerFunc {
 	return func(h httpcaddyfile.Helper) (caddyhttp.MiddlewareHandler, error) {
-		unm, err := caddyfile.UnmarshalModule(h.Dispenser, id)
+		mod, err := caddy.GetModule(id)
 		if err != nil {
-			return nil, err
+			return nil, h.Errf("getting module %s: %v", id, err)
 		}
-		mh, ok := unm.(caddyhttp.MiddlewareHandler)
+		inst := mod.New()
+		unm, ok := inst.(caddyfile.Unmarshaler)
+		if !ok {
+			return nil, h.Errf("module %s is not a Caddyfile unmarshaler", id)
+		}
+		mh, ok := inst.(caddyhttp.MiddlewareHandler)
 		if !ok {
 			return nil, h.Errf("module %s is not an HTTP middleware handler", id)
+		}
+		if err := unm.UnmarshalCaddyfile(h.Dispenser); err != nil {
+			return nil, err
 		}
 		return mh, nil
 	}

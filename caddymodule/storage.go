@@ -237,6 +237,9 @@ func (s *Storage) Store(ctx context.Context, key string, value []byte) error {
 // fs.ErrNotExist.
 func (s *Storage) Load(ctx context.Context, key string) ([]byte, error) {
 	key = normKey(key)
+	if key == "" {
+		return nil, fmt.Errorf("loading the root: %w", fs.ErrNotExist)
+	}
 	rec, err := s.node.Get(bucketCerts, key)
 	if errors.Is(err, replicator.ErrNotFound) {
 		return nil, fmt.Errorf("loading %s: %w", key, fs.ErrNotExist)
@@ -340,7 +343,10 @@ func (s *Storage) List(ctx context.Context, dir string, recursive bool) ([]strin
 // IsTerminal false; a missing key gives an error wrapping fs.ErrNotExist.
 func (s *Storage) Stat(ctx context.Context, key string) (certmagic.KeyInfo, error) {
 	key = normKey(key)
-	rec, err := s.node.Get(bucketCerts, key)
+	rec, err := replicator.Record{}, replicator.ErrNotFound
+	if key != "" {
+		rec, err = s.node.Get(bucketCerts, key)
+	}
 	if err == nil {
 		size := int64(len(rec.Value))
 		if sensitive(key) {
