@@ -195,12 +195,16 @@ func (s *Service) pruneInvites(ctx context.Context, now time.Time) {
 	if err != nil {
 		return
 	}
+	n := 0
 	for _, e := range entries {
 		var rec inviteRecord
 		if err := json.Unmarshal(e.Value, &rec); err != nil {
 			continue
 		}
 		if now.After(rec.Expires.Add(7 * 24 * time.Hour)) {
+			if n++; n > maxPrunePerRun || ctx.Err() != nil {
+				return
+			}
 			if err := s.store.Delete(ctx, bucketInvites, e.Key); err != nil {
 				s.log.Warn("pruning invite", "error", err)
 			}

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -55,8 +56,12 @@ type Service struct {
 	renameQ   map[string]bool // account ids to check for a username collision
 	renameSig chan struct{}   // cap 1: renameQ is non-empty
 
-	runMu   sync.Mutex // guards the following
-	running bool
+	running atomic.Bool // Start has completed and Close has not been called
+
+	pruneMu   sync.Mutex // guards lastPrune
+	lastPrune time.Time
+
+	runMu   sync.Mutex // guards the following (and serialises Start and Close)
 	stop    chan struct{}
 	wg      sync.WaitGroup
 	cancels []func()
@@ -118,7 +123,7 @@ func (s *Service) Issuer() string { return s.issuer }
 func (s *Service) Start(ctx context.Context) error {
 	s.runMu.Lock()
 	defer s.runMu.Unlock()
-	if s.running {
+	if s.running.Load() {
 		return errors.New("identity: already started")
 	}
 	stop := make(chan struct{})
@@ -158,7 +163,7 @@ func (s *Service) Start(ctx context.Context) error {
 	}
 	s.stop = stop
 	s.cancels = cancels
-	s.running = true
+	s.running.Store(true)
 	s.wg.Add(2)
 	go s.maintenanceLoop(stop)
 	go s.renameWorker(stop)
@@ -170,15 +175,15 @@ func (s *Service) Start(ctx context.Context) error {
 func (s *Service) Close() error {
 	s.runMu.Lock()
 	defer s.runMu.Unlock()
-	if !s.running {
+	if !s.running.Load() {
 		return nil
 	}
+	s.running.Store(false)
 	for _, c := range s.cancels {
 		c()
 	}
 	close(s.stop)
 	s.wg.Wait()
-	s.running = false
 	s.cancels = nil
 	return nil
 }
@@ -215,9 +220,17 @@ func (s *Service) maintenanceLoop(stop chan struct{}) {
 	}
 }
 
-// maintain rotates the signing key when it is older than KeyRotation and
-// prunes state that can no longer matter (retired keys, revocations and
-// sessions past their expiry, old invites, throttle windows).
+// pruneInterval is how often maintain prunes old records.
+const pruneInterval = time.Hour
+
+// maxPrunePerRun bounds the record deletions of one pruning pass per
+// bucket (each is an acknowledged write).
+const maxPrunePerRun = 1000
+
+// maintain rotates the signing key when it is older than KeyRotation and,
+// at most every pruneInterval, prunes state that can no longer matter
+// (retired keys, revocations and sessions past their expiry, old invites,
+// finished throttle windows).
 func (s *Service) maintain(ctx context.Context) {
 	now := s.cfg.Now()
 	s.keysMu.RLock()
@@ -228,12 +241,25 @@ func (s *Service) maintain(ctx context.Context) {
 			s.log.Warn("rotating signing key", "error", err)
 		}
 	}
-	s.pruneKeys(ctx, now)
-	s.pruneRevocations(ctx, now)
-	s.pruneSessions(ctx, now)
-	s.pruneInvites(ctx, now)
+	s.pruneKeys(ctx, now) // cheap (in memory); keeps the JWKS current
 	s.thr.prune(now)
+	s.pruneMu.Lock()
+	due := s.lastPrune.IsZero() || !now.Before(s.lastPrune.Add(pruneInterval)) || now.Before(s.lastPrune)
+	if due {
+		s.lastPrune = now
+	}
+	s.pruneMu.Unlock()
+	if due {
+		s.pruneRevocations(ctx, now)
+		s.pruneSessions(ctx, now)
+		s.pruneInvites(ctx, now)
+	}
 }
+
+// FirstWriterWinsBuckets returns the buckets the replicated store must
+// treat as first-writer-wins (between two live records the earlier version
+// wins): the usernames index.
+func FirstWriterWinsBuckets() []string { return []string{bucketUsernames} }
 
 // decodeJSON unmarshals a stored value, wrapping errors with what it was.
 func decodeJSON(what string, b []byte, v any) error {

@@ -84,3 +84,65 @@ func TestMaintenanceLoopRuns(t *testing.T) {
 		return err == nil && k.kid != first.kid
 	})
 }
+
+// TestUnknownKidReload: a key whose watch event has not arrived (here: a
+// record written behind the watch's back) is found by one store lookup.
+func TestUnknownKidReload(t *testing.T) {
+	store := NewMemStore()
+	clock := newClock()
+	s1 := newTestService(t, store, clock)
+	a := mustCreate(t, s1, "alice", "password1")
+	s2 := newTestService(t, store, clock)
+	if _, err := s1.RotateKey(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	tok, _ := mustIssue(t, s1, a)
+	kid := headerKID(t, tok)
+	s2.removeKey(kid) // as if the event were still in flight
+	if _, err := s2.Verify(tok); err != nil {
+		t.Fatalf("unknown kid not reloaded: %v", err)
+	}
+	s2.keysMu.RLock()
+	_, ok := s2.keys[kid]
+	s2.keysMu.RUnlock()
+	if !ok {
+		t.Fatal("reloaded key not kept")
+	}
+}
+
+func TestPruning(t *testing.T) {
+	ctx := context.Background()
+	clock := newClock()
+	store := NewMemStore()
+	s := newTestService(t, store, clock)
+	a := mustCreate(t, s, "alice", "password1")
+	mustIssue(t, s, a)
+	_, revoked := mustIssue(t, s, a)
+	if err := s.RevokeSession(ctx, revoked.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateInvite(ctx, nil, time.Hour, ""); err != nil {
+		t.Fatal(err)
+	}
+	count := func(bucket string) int {
+		e, _ := store.List(bucket, "")
+		return len(e)
+	}
+	s.maintain(ctx)
+	if count(bucketSessions) != 1 || count(bucketRevocations) != 1 || count(bucketInvites) != 1 {
+		t.Fatalf("pruned live records: sessions=%d revocations=%d invites=%d",
+			count(bucketSessions), count(bucketRevocations), count(bucketInvites))
+	}
+	clock.Advance(DefaultSessionTTL + time.Hour)
+	s.maintain(ctx)
+	if count(bucketSessions) != 0 || count(bucketRevocations) != 0 || count(bucketInvites) != 0 {
+		t.Fatalf("expired records kept: sessions=%d revocations=%d invites=%d",
+			count(bucketSessions), count(bucketRevocations), count(bucketInvites))
+	}
+	s.stateMu.RLock()
+	n := len(s.revokedSIDs)
+	s.stateMu.RUnlock()
+	if n != 0 {
+		t.Fatal("revoked sid kept in memory")
+	}
+}

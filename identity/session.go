@@ -171,6 +171,10 @@ func (s *Service) Verify(token string) (Claims, error) {
 	if len(token) == 0 || len(token) > maxTokenBytes {
 		return Claims{}, ErrInvalidToken
 	}
+	if !s.running.Load() {
+		// Without the watches, revocations may be stale: refuse.
+		return Claims{}, errNotRunning
+	}
 	key := sha256.Sum256(unsafe.Slice(unsafe.StringData(token), len(token)))
 	now := s.cfg.Now()
 	if c, ok := s.cache.get(&key); ok {
@@ -188,6 +192,9 @@ func (s *Service) Verify(token string) (Claims, error) {
 	s.cache.put(&key, c, gen)
 	return c, nil
 }
+
+// errNotRunning is what Verify returns outside Start..Close.
+var errNotRunning = fmt.Errorf("%w: %w", ErrInvalidToken, ErrNotStarted)
 
 var edDSAOnly = []jose.SignatureAlgorithm{jose.EdDSA}
 
@@ -356,7 +363,7 @@ func (s *Service) pruneRevocations(ctx context.Context, now time.Time) {
 	var keys []string
 	s.stateMu.Lock()
 	for sid, exp := range s.revokedSIDs {
-		if now.After(exp.Add(maxClockSkew)) {
+		if len(keys) < maxPrunePerRun && now.After(exp.Add(maxClockSkew)) {
 			delete(s.revokedSIDs, sid)
 			keys = append(keys, "sid:"+sid)
 		}
@@ -445,12 +452,16 @@ func (s *Service) pruneSessions(ctx context.Context, now time.Time) {
 	if err != nil {
 		return
 	}
+	n := 0
 	for _, e := range entries {
 		var rec sessionRecord
 		if err := json.Unmarshal(e.Value, &rec); err != nil {
 			continue
 		}
 		if now.After(rec.Expires.Add(maxClockSkew)) {
+			if n++; n > maxPrunePerRun || ctx.Err() != nil {
+				return
+			}
 			if err := s.store.Delete(ctx, bucketSessions, e.Key); err != nil {
 				s.log.Warn("pruning session", "session", e.Key, "error", err)
 			}

@@ -57,6 +57,9 @@ var firstWriterWins = map[string]bool{bucketUsernames: true}
 // write (a Put or Delete made from inside a callback is delivered after that
 // callback returns, by the same goroutine).
 //
+// A cancel func returned by Watch stops deliveries that have not started;
+// one already being delivered by another goroutine may still complete.
+//
 // Like the replicated store, the "usernames" bucket is first-writer-wins: a
 // Put over an existing live key is silently ignored (read the key back to
 // learn who owns it). A Delete followed by a Put does replace it.
