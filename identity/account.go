@@ -24,7 +24,7 @@ type Account struct {
 	Groups     []string  // sorted, lowercase
 	Disabled   bool      // a disabled account cannot log in and its sessions are revoked
 	MustRename bool      // set when the account lost its username in a collision; cleared by Rename
-	Created    time.Time //
+	Created    time.Time // when the account was created
 }
 
 // NewAccount is the input of CreateAccount and Register.
@@ -262,7 +262,7 @@ func (s *Service) createAccount(ctx context.Context, id string, a NewAccount, gr
 	defer s.writeMu.Unlock()
 	if owner, err := s.usernameOwner(name); err != nil {
 		return Account{}, err
-	} else if owner != "" {
+	} else if owner != "" || s.nameCarried(name) {
 		return Account{}, fmt.Errorf("identity: %q: %w", name, ErrUsernameTaken)
 	}
 	now := s.cfg.Now().UTC()
@@ -280,6 +280,14 @@ func (s *Service) createAccount(ctx context.Context, id string, a NewAccount, gr
 	}
 	s.log.Info("account created", "account", id, "username", name)
 	return rec.account(), nil
+}
+
+// nameCarried reports whether a known account record carries name (its
+// index entry may not have arrived here yet).
+func (s *Service) nameCarried(name string) bool {
+	s.stateMu.RLock()
+	defer s.stateMu.RUnlock()
+	return len(s.byName[name]) > 0
 }
 
 // undoAccount deletes a record written by a failed creation.

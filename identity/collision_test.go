@@ -163,3 +163,20 @@ func TestCollisionNameTaken(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestIndexNotYetReplicated: an account record arrived, its usernames entry
+// has not: the name is taken and the member can log in.
+func TestIndexNotYetReplicated(t *testing.T) {
+	ctx := context.Background()
+	store := NewMemStore()
+	clock := newClock()
+	s := newTestService(t, store, clock)
+	id := "00112233445566778899aabbccddeeff"
+	putForeignAccount(t, store, s, id, "erin", "password1", clock.Now())
+	if _, err := s.CreateAccount(ctx, NewAccount{Username: "erin", Password: "password1"}); !errors.Is(err, ErrUsernameTaken) {
+		t.Fatalf("CreateAccount: %v", err)
+	}
+	if got, err := s.Login(ctx, "erin", "password1", "192.0.2.1"); err != nil || got.ID != id || got.MustRename {
+		t.Fatalf("Login: %+v %v", got, err)
+	}
+}

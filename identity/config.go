@@ -2,7 +2,6 @@ package identity
 
 import (
 	"fmt"
-	"io"
 	"log/slog"
 	"runtime"
 	"strings"
@@ -86,7 +85,7 @@ func DefaultConfig() Config {
 		IPFailures:          DefaultIPFailures,
 		AccountFailures:     DefaultAccountFailures,
 		ThrottleWindow:      DefaultThrottleWindow,
-		Logger:              slog.New(slog.NewTextHandler(io.Discard, nil)),
+		Logger:              slog.New(slog.DiscardHandler),
 		Now:                 time.Now,
 	}
 }

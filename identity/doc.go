@@ -23,14 +23,16 @@
 //     the invite, only the token's SHA-256 stored).
 //   - Sessions: IssueSession returns a compact JWS (EdDSA/Ed25519, go-jose)
 //     with iss, sub, sid, iat, exp, username, name, email, groups and a kid
-//     header; Verify checks it locally with a bounded cache purged on
-//     revocation; RevokeSession, RevokeAll ("log out everywhere"),
-//     Sessions, Session.
+//     header; Verify checks it locally (never a network hop) with a bounded
+//     cache purged on revocation, and refuses while the Service is not
+//     running (its revocation view could be stale); RevokeSession,
+//     RevokeAll ("log out everywhere"), Sessions, Session.
 //   - Signing keys: rotated every KeyRotation by the maintenance loop (or
 //     RotateKey), private halves sealed with AES-GCM under a key derived
 //     from the circle secret; old public keys verify until their tokens have
 //     expired; JWKS publishes them.
 //   - Policy, the allow rule of the circle_auth gate.
+//   - FirstWriterWinsBuckets, for configuring the replicated store.
 //   - Sentinel errors in errors.go.
 //
 // Buckets and record formats (all values JSON with a "v" format version

@@ -24,7 +24,7 @@ const (
 // Bounds on argon2 parameters read from stored PHC strings, so a corrupt
 // record cannot make a login allocate gigabytes.
 const (
-	maxStoredMemory  = 1 << 22 // KiB (4 GiB)
+	maxStoredMemory  = 1 << 20 // KiB (1 GiB)
 	maxStoredTime    = 64
 	maxStoredThreads = 64
 )

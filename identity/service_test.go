@@ -146,3 +146,39 @@ func TestPruning(t *testing.T) {
 		t.Fatal("revoked sid kept in memory")
 	}
 }
+
+// TestCorruptRecords: bad records from the store are skipped and logged,
+// never fatal.
+func TestCorruptRecords(t *testing.T) {
+	ctx := context.Background()
+	store := NewMemStore()
+	for _, b := range []string{bucketAccounts, bucketKeys, bucketRevocations, bucketThrottle, bucketSessions, bucketInvites} {
+		_ = store.Put(ctx, b, "ffffffffffffffffffffffffffffffff", []byte("{not json"))
+	}
+	s := newTestService(t, store, nil)
+	a := mustCreate(t, s, "alice", "password1")
+	if accts, err := s.Accounts(); err != nil || len(accts) != 1 {
+		t.Fatalf("Accounts: %v %v", accts, err)
+	}
+	if _, err := s.Account("ffffffffffffffffffffffffffffffff"); err == nil {
+		t.Fatal("corrupt account returned")
+	}
+	if _, err := s.Session("ffffffffffffffffffffffffffffffff"); err == nil {
+		t.Fatal("corrupt session returned")
+	}
+	tok, _ := mustIssue(t, s, a)
+	if _, err := s.Verify(tok); err != nil {
+		t.Fatal(err)
+	}
+	// Corrupt records arriving through the watches.
+	for _, b := range []string{bucketAccounts, bucketKeys, bucketRevocations, bucketThrottle} {
+		_ = store.Put(ctx, b, "eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee", []byte("[]"))
+	}
+	if _, err := s.Verify(tok); err != nil {
+		t.Fatal(err)
+	}
+	s.maintain(ctx)
+	if got := FirstWriterWinsBuckets(); len(got) != 1 || got[0] != "usernames" {
+		t.Fatalf("FirstWriterWinsBuckets %v", got)
+	}
+}

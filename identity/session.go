@@ -83,11 +83,12 @@ type sessionRecord struct {
 	IssuedAt  int64     `json:"iat"` // the token's iat, for the "revoked before" rule
 }
 
-// revocationRecord is the value of revocations/sid:<sid> ({"exp"}: when the
-// revoked token would have expired anyway, after which the record can go)
-// and revocations/acct:<id> ({"before"}: tokens of the account issued at or
-// before this second are revoked), as JSON.
+// revocationRecord is the value of revocations/sid:<sid> ({"v":1,"exp"}:
+// when the revoked token would have expired anyway, after which the record
+// can go) and revocations/acct:<id> ({"v":1,"before"}: tokens of the
+// account issued at or before this second are revoked), as JSON.
 type revocationRecord struct {
+	V      int       `json:"v"` // format version, 1
 	Exp    time.Time `json:"exp,omitzero"`
 	Before time.Time `json:"before,omitzero"`
 }
@@ -263,7 +264,7 @@ func (s *Service) RevokeSession(ctx context.Context, sid string) error {
 	if sess, err := s.Session(sid); err == nil {
 		exp = sess.Expires
 	}
-	b, _ := json.Marshal(revocationRecord{Exp: exp.UTC()})
+	b, _ := json.Marshal(revocationRecord{V: 1, Exp: exp.UTC()})
 	s.applyRevocation("sid:"+sid, revocationRecord{Exp: exp})
 	if err := s.store.Put(ctx, bucketRevocations, "sid:"+sid, b); err != nil {
 		return fmt.Errorf("identity: storing revocation: %w", err)
@@ -286,7 +287,7 @@ func (s *Service) RevokeAll(ctx context.Context, accountID string) error {
 		before = old
 	}
 	s.stateMu.RUnlock()
-	rec := revocationRecord{Before: before}
+	rec := revocationRecord{V: 1, Before: before}
 	b, _ := json.Marshal(rec)
 	s.applyRevocation("acct:"+accountID, rec)
 	if err := s.store.Put(ctx, bucketRevocations, "acct:"+accountID, b); err != nil {

@@ -20,13 +20,14 @@ import (
 // resets the username's counter.
 //
 // Counters live in memory and are replicated best-effort through the
-// throttle bucket (PutAsync of the window, JSON {"start","count"}); a node
+// throttle bucket (PutAsync of the window, JSON {"v":1,"start","count"}); a node
 // merges a remote window by taking the larger count of the same window, so
 // an attacker spreading attempts over nodes gains at most a factor of the
 // number of nodes, and usually much less.
 
 // throttleRecord is the value of throttle/<key>, as JSON.
 type throttleRecord struct {
+	V     int       `json:"v"` // format version, 1
 	Start time.Time `json:"start"`
 	Count int       `json:"count"`
 }
@@ -96,7 +97,7 @@ func (t *throttler) fail(store Store, now time.Time, keys ...string) {
 	for i, k := range keys {
 		r, ok := t.m[k]
 		if !ok || !now.Before(r.Start.Add(t.window)) || now.Before(r.Start) {
-			r = throttleRecord{Start: now.UTC()}
+			r = throttleRecord{V: 1, Start: now.UTC()}
 		}
 		r.Count++
 		t.m[k] = r
@@ -116,7 +117,7 @@ func (t *throttler) reset(store Store, key string) {
 	delete(t.m, key)
 	t.mu.Unlock()
 	if ok {
-		b, _ := json.Marshal(throttleRecord{})
+		b, _ := json.Marshal(throttleRecord{V: 1})
 		_ = store.PutAsync(bucketThrottle, key, b)
 	}
 }
