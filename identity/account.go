@@ -228,6 +228,10 @@ func (s *Service) claimUsername(ctx context.Context, name, id string) error {
 // account record is written first, then the username index entry; if
 // another account claimed the name meanwhile, the new record is deleted and
 // ErrUsernameTaken returned, so no half-made account remains.
+//
+// If the store stored the records but could not get them acknowledged (an
+// error that is not one of this package's), the account exists and will
+// replicate: CreateAccount then returns it together with the error.
 func (s *Service) CreateAccount(ctx context.Context, a NewAccount) (Account, error) {
 	groups, err := normalizeGroups(a.Groups)
 	if err != nil {
@@ -270,13 +274,26 @@ func (s *Service) createAccount(ctx context.Context, id string, a NewAccount, gr
 		ID: id, Username: name, Name: display, Email: email, Groups: groups,
 		PasswordHash: phc, Created: now, Updated: now,
 	}
-	if err := s.putAccount(ctx, rec); err != nil {
+	putErr := s.putAccount(ctx, rec)
+	if putErr != nil {
+		if _, err := s.store.Get(bucketAccounts, id); err != nil {
+			return Account{}, putErr // nothing was written
+		}
+		// Stored here but not acknowledged (the store keeps replicating
+		// it): complete the account with its index entry.
+	}
+	if err := s.claimUsername(ctx, name, id); err != nil {
+		if !errors.Is(err, ErrUsernameTaken) {
+			if owner, _ := s.usernameOwner(name); owner == id {
+				// Claimed here, not acknowledged: the account is whole.
+				return rec.account(), err
+			}
+		}
 		s.undoAccount(ctx, id)
 		return Account{}, err
 	}
-	if err := s.claimUsername(ctx, name, id); err != nil {
-		s.undoAccount(ctx, id)
-		return Account{}, err
+	if putErr != nil {
+		return rec.account(), putErr
 	}
 	s.log.Info("account created", "account", id, "username", name)
 	return rec.account(), nil

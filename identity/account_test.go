@@ -500,3 +500,43 @@ func TestRename(t *testing.T) {
 	}
 	mustCreate(t, s, "alice", "password1") // the old name is free again
 }
+
+// ackStore stores writes but reports that they were not acknowledged, like
+// the replicated store when peers do not answer in time.
+type ackStore struct {
+	Store
+	fail map[string]bool
+}
+
+var errNoAck = errors.New("ack timeout")
+
+func (s ackStore) Put(ctx context.Context, bucket, key string, value []byte) error {
+	if err := s.Store.Put(ctx, bucket, key, value); err != nil {
+		return err
+	}
+	if s.fail[bucket] {
+		return errNoAck
+	}
+	return nil
+}
+
+func TestCreateAccountNotAcknowledged(t *testing.T) {
+	ctx := context.Background()
+	for _, bucket := range []string{bucketAccounts, bucketUsernames} {
+		t.Run(bucket, func(t *testing.T) {
+			store := ackStore{Store: NewMemStore(), fail: map[string]bool{}}
+			s := newTestService(t, store, nil)
+			store.fail[bucket] = true
+			a, err := s.CreateAccount(ctx, NewAccount{Username: "alice", Password: "password1"})
+			if !errors.Is(err, errNoAck) || a.ID == "" {
+				t.Fatalf("CreateAccount = %+v, %v; want the account and the ack error", a, err)
+			}
+			if got, err := s.AccountByUsername("alice"); err != nil || got.ID != a.ID {
+				t.Fatalf("account not whole: %+v %v", got, err)
+			}
+			if _, err := s.Login(ctx, "alice", "password1", "192.0.2.1"); err != nil {
+				t.Fatal(err)
+			}
+		})
+	}
+}

@@ -123,7 +123,9 @@ func (s *Service) CheckInvite(token string) (Invite, error) {
 // account's groups are the invite's (a.Groups is ignored). The invite is
 // marked used before the account is written and restored if creating the
 // account fails, so a failed registration (e.g. ErrUsernameTaken) can be
-// retried. On one node an invite cannot be used twice; two nodes cut off
+// retried (as CreateAccount, an account that was stored but not
+// acknowledged is returned with the error, and the invite stays used). On
+// one node an invite cannot be used twice; two nodes cut off
 // from each other could each accept it once.
 func (s *Service) Register(ctx context.Context, token string, a NewAccount) (Account, error) {
 	key, rec, err := s.loadInvite(token)
@@ -176,6 +178,9 @@ func (s *Service) Register(ctx context.Context, token string, a NewAccount) (Acc
 		return Account{}, fmt.Errorf("identity: marking invite used: %w", err)
 	}
 	acct, err := s.createAccount(ctx, id, a, rec.Groups)
+	if err != nil && acct.ID != "" {
+		return acct, err // created, not acknowledged: the invite stays used
+	}
 	if err != nil {
 		orig, _ := json.Marshal(rec)
 		rctx, cancel := bgCtx(ctx)
