@@ -1,0 +1,31 @@
+// Package replicator is Circle's durable replicated key/value store.
+//
+// Every node keeps all records in a local bbolt file (DataDir/circle.db);
+// each write is fsynced before it is acknowledged. Records live in buckets
+// and are versioned by a hybrid logical clock (HLC, see Version); between
+// two versions of a key the higher one wins (last writer wins), deletes are
+// tombstones. Buckets named in Config.FirstWriterWins keep the earlier of two
+// live records instead (a tombstone still beats an older live record).
+//
+// Nodes find each other with hashicorp/memberlist (SWIM gossip), keyed with
+// a key derived from the circle secret, so a node with another secret can
+// neither join nor read anything. Records travel three ways:
+//
+//   - small records (under about 1 KB encoded) as memberlist broadcasts;
+//   - acknowledged writes (Put, Delete) also directly to every alive peer
+//     over an authenticated, encrypted stream; the call returns once
+//     Config.Replicas nodes (or every alive node, if fewer) hold the record,
+//     or fails with ErrAckTimeout after Config.AckTimeout; the record is kept;
+//   - anti-entropy: every Config.AntiEntropyInterval, and at once when a
+//     peer joins, a node compares per-bucket digests (XOR of hashes of
+//     key+version over 256 hash ranges of the key) with one random peer and
+//     then ships only the records that differ, both ways. Its cost grows with
+//     the difference between the two nodes, not with the data size.
+//
+// Streams run over memberlist's transport (TCP by default, or the one in
+// Config.Transport), multiplexed by a leading byte; the wire format is
+// documented in wire.go.
+//
+// Watch callbacks run serially on one goroutine per Node, never under the
+// Node's locks.
+package replicator

@@ -1,0 +1,21 @@
+package replicator
+
+import "errors"
+
+// Sentinel errors. Errors returned by this package wrap them, so test with
+// errors.Is.
+var (
+	// ErrNotFound: the record is absent or tombstoned.
+	ErrNotFound = errors.New("replicator: not found")
+
+	// ErrAckTimeout: the write is durable on this node but not enough nodes
+	// acknowledged it within Config.AckTimeout. The record is kept and keeps
+	// replicating (gossip and anti-entropy).
+	ErrAckTimeout = errors.New("replicator: acknowledgement timeout")
+
+	// ErrClosed: the Node is closed.
+	ErrClosed = errors.New("replicator: node closed")
+
+	// ErrInvalid: a bad argument (bucket, key, value or configuration).
+	ErrInvalid = errors.New("replicator: invalid argument")
+)

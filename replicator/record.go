@@ -1,0 +1,140 @@
+package replicator
+
+import (
+	"cmp"
+	"fmt"
+	"time"
+)
+
+// Limits on record fields.
+const (
+	MaxBucketLen = 64      // bytes in a bucket name
+	MaxKeyLen    = 1024    // bytes in a key
+	MaxValueLen  = 4 << 20 // bytes in a value (4 MiB)
+	maxNodeName  = 255     // bytes in a node name
+)
+
+// Version orders the writes of a key. Time is a hybrid logical clock:
+// milliseconds since the Unix epoch in the upper 48 bits and a logical
+// counter in the lower 16. Ties (equal Time) are broken by Node, the name of
+// the writing node.
+type Version struct {
+	Time uint64
+	Node string
+}
+
+// Compare returns -1, 0 or +1 as v is lower than, equal to or higher than o.
+func (v Version) Compare(o Version) int {
+	if c := cmp.Compare(v.Time, o.Time); c != 0 {
+		return c
+	}
+	return cmp.Compare(v.Node, o.Node)
+}
+
+// IsZero reports whether v is the zero Version.
+func (v Version) IsZero() bool { return v.Time == 0 && v.Node == "" }
+
+// WallTime returns the physical part of v as a time.
+func (v Version) WallTime() time.Time { return time.UnixMilli(int64(v.Time >> 16)) }
+
+// String formats v for logs.
+func (v Version) String() string { return fmt.Sprintf("%d.%d@%s", v.Time>>16, v.Time&0xffff, v.Node) }
+
+// Record is one versioned value. Deleted records (tombstones) have no value.
+// Values returned by the Node must not be modified.
+type Record struct {
+	Bucket  string
+	Key     string
+	Value   []byte
+	Version Version
+	Deleted bool
+}
+
+// meta is the part of a record that decides merges.
+type meta struct {
+	v       Version
+	deleted bool
+}
+
+func (r *Record) meta() meta { return meta{v: r.Version, deleted: r.Deleted} }
+
+// beats reports whether a replaces b as the winning record of a key. In
+// general the higher version wins; in a first-writer-wins bucket the lower
+// version wins between two live records.
+func beats(fww bool, a, b meta) bool {
+	c := a.v.Compare(b.v)
+	if c == 0 {
+		return false
+	}
+	if fww && !a.deleted && !b.deleted {
+		return c < 0
+	}
+	return c > 0
+}
+
+// checkBucket validates a bucket name.
+func checkBucket(bucket string) error {
+	switch {
+	case bucket == "":
+		return fmt.Errorf("%w: empty bucket name", ErrInvalid)
+	case len(bucket) > MaxBucketLen:
+		return fmt.Errorf("%w: bucket name is %d bytes, the limit is %d", ErrInvalid, len(bucket), MaxBucketLen)
+	}
+	return nil
+}
+
+// checkKey validates a bucket and a key.
+func checkKey(bucket, key string) error {
+	if err := checkBucket(bucket); err != nil {
+		return err
+	}
+	switch {
+	case key == "":
+		return fmt.Errorf("%w: empty key in bucket %q", ErrInvalid, bucket)
+	case len(key) > MaxKeyLen:
+		return fmt.Errorf("%w: key in bucket %q is %d bytes, the limit is %d", ErrInvalid, bucket, len(key), MaxKeyLen)
+	}
+	return nil
+}
+
+// checkRecord validates a record's fields (also records from the wire).
+func checkRecord(r *Record) error {
+	if err := checkKey(r.Bucket, r.Key); err != nil {
+		return err
+	}
+	if len(r.Value) > MaxValueLen {
+		return fmt.Errorf("%w: value of %s/%s is %d bytes, the limit is %d", ErrInvalid, r.Bucket, r.Key, len(r.Value), MaxValueLen)
+	}
+	if r.Version.Node == "" || len(r.Version.Node) > maxNodeName {
+		return fmt.Errorf("%w: bad version node name", ErrInvalid)
+	}
+	return nil
+}
+
+// hlc is a hybrid logical clock. Not safe for concurrent use (Node.mu
+// guards it).
+type hlc struct {
+	last uint64
+	now  func() time.Time
+}
+
+// next returns a timestamp higher than every one returned or observed.
+func (c *hlc) next() uint64 {
+	pt := uint64(max(c.now().UnixMilli(), 0)) << 16
+	if pt > c.last {
+		c.last = pt
+	} else {
+		c.last++
+	}
+	return c.last
+}
+
+// observe advances the clock past a remote timestamp; it reports whether
+// the clock moved.
+func (c *hlc) observe(t uint64) bool {
+	if t > c.last {
+		c.last = t
+		return true
+	}
+	return false
+}
