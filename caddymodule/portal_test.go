@@ -44,11 +44,18 @@ func (c *testClock) Advance(d time.Duration) {
 type testEnv struct {
 	t      testing.TB
 	clock  *testClock
+	store  *identity.MemStore
 	ident  *identity.Service
 	portal *Portal
 }
 
 func newTestIdentity(t testing.TB, clock *testClock, secret byte, mod func(*identity.Config)) *identity.Service {
+	t.Helper()
+	ident, _ := newTestIdentityStore(t, clock, secret, mod)
+	return ident
+}
+
+func newTestIdentityStore(t testing.TB, clock *testClock, secret byte, mod func(*identity.Config)) (*identity.Service, *identity.MemStore) {
 	t.Helper()
 	cfg := identity.Config{
 		Domain:       testDomain,
@@ -61,7 +68,8 @@ func newTestIdentity(t testing.TB, clock *testClock, secret byte, mod func(*iden
 	if mod != nil {
 		mod(&cfg)
 	}
-	ident, err := identity.New(identity.NewMemStore(), cfg)
+	store := identity.NewMemStore()
+	ident, err := identity.New(store, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -69,16 +77,16 @@ func newTestIdentity(t testing.TB, clock *testClock, secret byte, mod func(*iden
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = ident.Close() })
-	return ident
+	return ident, store
 }
 
 func newTestEnv(t testing.TB, mod func(*identity.Config)) *testEnv {
 	t.Helper()
 	clock := &testClock{t: time.Now().UTC().Truncate(time.Second)}
-	ident := newTestIdentity(t, clock, 7, mod)
+	ident, store := newTestIdentityStore(t, clock, 7, mod)
 	p := &Portal{now: clock.Now}
 	p.init(ident, testDomain)
-	return &testEnv{t: t, clock: clock, ident: ident, portal: p}
+	return &testEnv{t: t, clock: clock, store: store, ident: ident, portal: p}
 }
 
 func (e *testEnv) gate(groups, users []string) *Auth {
@@ -1004,6 +1012,51 @@ func TestAccountProfileAndPassword(t *testing.T) {
 	if w := anon.post("/account/profile", url.Values{"name": {"x"}}); w.Code != http.StatusSeeOther ||
 		!strings.HasPrefix(w.Header().Get("Location"), "/login") {
 		t.Errorf("anonymous profile post: %d %v", w.Code, w.Header())
+	}
+}
+
+// TestAccountMustRename: after a username collision the account page only
+// offers the rename form, and other account actions wait for it.
+func TestAccountMustRename(t *testing.T) {
+	e := newTestEnv(t, nil)
+	alice := e.createUser("alice", "correct horse")
+	b := e.browser()
+	b.login("alice", "correct horse")
+
+	// Mark the account as identity does after losing a collision.
+	raw, err := e.store.Get("accounts", alice.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rec map[string]any
+	if err := json.Unmarshal(raw, &rec); err != nil {
+		t.Fatal(err)
+	}
+	rec["must_rename"] = true
+	raw, _ = json.Marshal(rec)
+	if err := e.store.Put(context.Background(), "accounts", alice.ID, raw); err != nil {
+		t.Fatal(err)
+	}
+	if a, _ := e.ident.Account(alice.ID); !a.MustRename {
+		t.Skip("cannot simulate MustRename through the store record format")
+	}
+
+	w := b.get("/account")
+	body := w.Body.String()
+	if w.Code != 200 || !strings.Contains(body, `action="/account/rename"`) || strings.Contains(body, `action="/account/profile"`) {
+		t.Fatalf("must-rename page: %d %s", w.Code, body)
+	}
+	if w := b.post("/account/profile", url.Values{"name": {"x"}}); w.Code != http.StatusConflict {
+		t.Errorf("profile before rename: %d", w.Code)
+	}
+	if w := b.post("/account/rename", url.Values{"username": {"alice2"}}); w.Code != http.StatusSeeOther {
+		t.Fatalf("rename: %d %s", w.Code, w.Body)
+	}
+	if a, _ := e.ident.Account(alice.ID); a.MustRename || a.Username != "alice2" {
+		t.Errorf("after rename: %+v", a)
+	}
+	if w := b.get("/account"); !strings.Contains(w.Body.String(), `action="/account/profile"`) {
+		t.Error("full account page not back after rename")
 	}
 }
 
