@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/hashicorp/memberlist"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -30,7 +29,7 @@ func (n *Node) antiEntropyLoop() {
 	t := time.NewTicker(n.cfg.AntiEntropyInterval)
 	defer t.Stop()
 	for {
-		var peer *memberlist.Node
+		var peer *peerRef
 		select {
 		case <-n.ctx.Done():
 			return
@@ -58,7 +57,7 @@ func (n *Node) aeDone(peer string) {
 
 // syncWith runs one anti-entropy exchange with peer, as the dialer (see the
 // conversation in wire.go).
-func (n *Node) syncWith(peer *memberlist.Node) error {
+func (n *Node) syncWith(peer *peerRef) error {
 	ctx, cancel := context.WithTimeout(n.ctx, aeTimeout)
 	defer cancel()
 	sc, err := n.dial(ctx, peer)

@@ -400,7 +400,7 @@ func TestWrongSecretCannotJoinOrRead(t *testing.T) {
 		return len(a.Members()) == 1 && len(m.Members()) == 1 && absent(m, "secret", "k")
 	})
 	// Talking the replication protocol directly fails too.
-	fake := &memberlist.Node{Name: "a", Addr: a.ml.Load().LocalNode().Addr, Port: a.ml.Load().LocalNode().Port}
+	fake := &peerRef{Name: "a", Addr: a.Addr()}
 	if err := m.syncWith(fake); err == nil {
 		t.Fatal("anti-entropy with another secret succeeded")
 	}

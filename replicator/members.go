@@ -36,13 +36,12 @@ func (n *Node) Members() []Member {
 	n.membersMu.Lock()
 	for name, mi := range n.members {
 		m := Member{Name: name, Addr: mi.addr, State: mi.state}
-		if ln, ok := live[name]; ok && mi.state != "left" {
-			m.Addr = ln.Address()
+		if ok := live[name]; ok && mi.state != "left" {
 			m.State = "alive"
 			if time.Since(mi.lastAck) > limit {
 				m.State = "suspect"
 			}
-		} else if !ok && mi.state == "alive" {
+		} else if !live[name] && mi.state == "alive" {
 			m.State = "dead"
 		}
 		out = append(out, m)
@@ -60,13 +59,23 @@ func (n *Node) suspectAfter(peers int) time.Duration {
 	return time.Duration(2*max(peers, 1)+3) * n.probeInterval
 }
 
-// liveNodes returns memberlist's live (alive or suspect) peers by name.
-func (n *Node) liveNodes() map[string]*memberlist.Node {
-	out := make(map[string]*memberlist.Node)
+// peerRef names a peer and its address (a copy: memberlist mutates the
+// Nodes it hands out, so only their Name is read outside its callbacks).
+type peerRef struct {
+	Name string
+	Addr string // host:port
+}
+
+// Address returns the peer's host:port.
+func (p *peerRef) Address() string { return p.Addr }
+
+// liveNodes returns the names of memberlist's live (alive or suspect) peers.
+func (n *Node) liveNodes() map[string]bool {
+	out := make(map[string]bool)
 	if ml := n.ml.Load(); ml != nil {
 		for _, m := range ml.Members() {
 			if m.Name != n.cfg.Name {
-				out[m.Name] = m
+				out[m.Name] = true
 			}
 		}
 	}
@@ -74,26 +83,23 @@ func (n *Node) liveNodes() map[string]*memberlist.Node {
 }
 
 // alivePeers returns the peers that are alive or suspect (not those that
-// announced they leave).
-func (n *Node) alivePeers() []*memberlist.Node {
+// announced they leave), sorted by name.
+func (n *Node) alivePeers() []*peerRef {
 	live := n.liveNodes()
+	var out []*peerRef
 	n.membersMu.Lock()
 	for name := range live {
-		if mi := n.members[name]; mi != nil && mi.state == "left" {
-			delete(live, name)
+		if mi := n.members[name]; mi != nil && mi.state != "left" {
+			out = append(out, &peerRef{Name: name, Addr: mi.addr})
 		}
 	}
 	n.membersMu.Unlock()
-	out := make([]*memberlist.Node, 0, len(live))
-	for _, m := range live {
-		out = append(out, m)
-	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out
 }
 
 // peer returns the alive or suspect peer called name, or nil.
-func (n *Node) peer(name string) *memberlist.Node {
+func (n *Node) peer(name string) *peerRef {
 	for _, m := range n.alivePeers() {
 		if m.Name == name {
 			return m

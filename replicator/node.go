@@ -592,7 +592,7 @@ func (w logWriter) Write(p []byte) (int, error) {
 }
 
 // randomPeer picks an alive peer at random, or nil.
-func (n *Node) randomPeer() *memberlist.Node {
+func (n *Node) randomPeer() *peerRef {
 	peers := n.alivePeers()
 	if len(peers) == 0 {
 		return nil

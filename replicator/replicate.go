@@ -102,7 +102,7 @@ func (n *Node) applier() {
 }
 
 // awaitAcks sends rec to peers and waits until enough nodes hold it.
-func (n *Node) awaitAcks(ctx context.Context, rec Record, peers []*memberlist.Node) error {
+func (n *Node) awaitAcks(ctx context.Context, rec Record, peers []*peerRef) error {
 	n.pendingAcks.Add(1)
 	defer n.pendingAcks.Add(-1)
 	need := min(n.cfg.Replicas, len(peers)+1)
@@ -154,7 +154,7 @@ func (n *Node) awaitAcks(ctx context.Context, rec Record, peers []*memberlist.No
 }
 
 // pushAsync sends a record too large for gossip to peers in the background.
-func (n *Node) pushAsync(rec Record, peers []*memberlist.Node) {
+func (n *Node) pushAsync(rec Record, peers []*peerRef) {
 	msg := encodeRecords(msgReplicate, []Record{rec})
 	for _, p := range peers {
 		n.wg.Add(1)
@@ -172,7 +172,7 @@ func (n *Node) pushAsync(rec Record, peers []*memberlist.Node) {
 // replicateTo sends a msgReplicate message (count records) to peer and
 // waits for its acknowledgement, retrying until ctx ends or the peer is no
 // longer alive.
-func (n *Node) replicateTo(ctx context.Context, peer *memberlist.Node, msg []byte, count int) error {
+func (n *Node) replicateTo(ctx context.Context, peer *peerRef, msg []byte, count int) error {
 	backoff := retryMin
 	for {
 		_, err := n.roundTrip(ctx, peer, msg, msgAck)
@@ -201,7 +201,7 @@ func (n *Node) replicateTo(ctx context.Context, peer *memberlist.Node, msg []byt
 // roundTrip sends msg to peer on a pooled stream and reads the reply,
 // which must be of type want. A failure on a reused stream is retried once
 // on a fresh one.
-func (n *Node) roundTrip(ctx context.Context, peer *memberlist.Node, msg []byte, want byte) ([]byte, error) {
+func (n *Node) roundTrip(ctx context.Context, peer *peerRef, msg []byte, want byte) ([]byte, error) {
 	for attempt := 0; ; attempt++ {
 		sc, reused, err := n.getConn(ctx, peer)
 		if err != nil {
@@ -239,7 +239,7 @@ func exchange(ctx context.Context, sc *secureConn, msg []byte, want byte) ([]byt
 }
 
 // getConn returns an idle pooled stream to peer or dials a new one.
-func (n *Node) getConn(ctx context.Context, peer *memberlist.Node) (*secureConn, bool, error) {
+func (n *Node) getConn(ctx context.Context, peer *peerRef) (*secureConn, bool, error) {
 	n.poolMu.Lock()
 	idle := n.pool[peer.Name]
 	for len(idle) > 0 {
@@ -260,7 +260,7 @@ func (n *Node) getConn(ctx context.Context, peer *memberlist.Node) (*secureConn,
 }
 
 // dial opens an authenticated stream to peer.
-func (n *Node) dial(ctx context.Context, peer *memberlist.Node) (*secureConn, error) {
+func (n *Node) dial(ctx context.Context, peer *peerRef) (*secureConn, error) {
 	timeout := handshakeTimeout
 	if dl, ok := ctx.Deadline(); ok {
 		timeout = min(timeout, max(time.Until(dl), time.Millisecond))
