@@ -32,7 +32,8 @@ const maxAdminBody = 1 << 20
 //
 //	GET  /circle/status      node, members, replication, role
 //	POST /circle/users       {"username","password","name","email","groups"} -> 201 account
-//	POST /circle/invites     {"groups","ttl"} -> {"url","expires"}
+//	POST /circle/invites     {"groups","ttl"} -> {"url","expires"}; url is
+//	                         https://<domain>[:https_port]/register?invite=TOKEN
 //	POST /circle/rotate-key  -> {"kid"}
 //
 // Admin routers are provisioned before the apps and survive failed config
@@ -236,7 +237,7 @@ func (a *adminAPI) handleInvites(w http.ResponseWriter, r *http.Request, app *Ap
 	if err != nil {
 		return identityError("creating invite", err)
 	}
-	u := url.URL{Scheme: "https", Host: app.Domain(), Path: "/register", RawQuery: url.Values{"invite": {token}}.Encode()}
+	u := url.URL{Scheme: "https", Host: app.portalHost(), Path: "/register", RawQuery: url.Values{"invite": {token}}.Encode()}
 	a.logger.Info("invite created", zap.Strings("groups", req.Groups), zap.Duration("ttl", ttl))
 	return writeJSON(w, http.StatusOK, inviteJSON{URL: u.String(), Expires: time.Now().Add(ttl).UTC().Truncate(time.Second)})
 }

@@ -7,11 +7,13 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
+	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 
 	"github.com/homecircle/circle/identity"
@@ -95,10 +97,12 @@ type App struct {
 	// own. Default: 10s.
 	SyncTimeout caddy.Duration `json:"sync_timeout,omitempty"`
 
-	secret  []byte
-	node    *sharedNode
-	poolKey string
-	logger  *zap.Logger
+	secret    []byte
+	node      *sharedNode
+	poolKey   string
+	logger    *zap.Logger
+	ctx       caddy.Context
+	httpsPort int // the http app's https_port when not 443 (for links); 0 otherwise
 }
 
 // CaddyModule returns the Caddy module information.
@@ -119,6 +123,7 @@ var activeApp atomic.Pointer[App]
 // they are provisioned, before any app starts; see docs/INTERNALS.md,
 // "caddymodule: node lifecycle".
 func (a *App) Provision(ctx caddy.Context) error {
+	a.ctx = ctx
 	a.logger = ctx.Logger()
 
 	secret, err := a.loadSecret()
@@ -268,6 +273,15 @@ func (a *App) nodeConfig(ctx caddy.Context) nodeConfig {
 // Start makes this app the one the admin API serves. The node was opened
 // (and joined) in Provision.
 func (a *App) Start() error {
+	// Every app is provisioned by now; links to the portal carry the HTTPS
+	// port when it is not the default one.
+	if a.ctx.Context != nil {
+		if h, err := a.ctx.AppIfConfigured("http"); err == nil {
+			if httpApp, ok := h.(*caddyhttp.App); ok && httpApp.HTTPSPort != 0 && httpApp.HTTPSPort != 443 {
+				a.httpsPort = httpApp.HTTPSPort
+			}
+		}
+	}
 	activeApp.Store(a)
 	a.logger.Info("circle node running",
 		zap.String("name", a.Name),
@@ -315,6 +329,14 @@ func (a *App) Replicator() *replicator.Node {
 
 // Domain returns the circle domain (lowercase, no trailing dot).
 func (a *App) Domain() string { return a.DomainName }
+
+// portalHost is the host (and port, when not 443) of the portal.
+func (a *App) portalHost() string {
+	if a.httpsPort != 0 {
+		return net.JoinHostPort(a.DomainName, strconv.Itoa(a.httpsPort))
+	}
+	return a.DomainName
+}
 
 // NodeName returns this node's name.
 func (a *App) NodeName() string { return a.Name }

@@ -34,7 +34,8 @@ func TestCaddyLifecycle(t *testing.T) {
 			"apps": {
 				"circle": {"name": "solo", "domain": "circle.test", "secret_file": %q,
 					"data_dir": %q, "listen": %q, "replicas": %d},
-				"pki": {"certificate_authorities": {"local": {"install_trust": false}}}
+				"pki": {"certificate_authorities": {"local": {"install_trust": false}}},
+				"http": {"https_port": 9443}
 			}
 		}`, admin, secretFile, dataDir, gossip, replicas))
 	}
@@ -94,6 +95,10 @@ func TestCaddyLifecycle(t *testing.T) {
 	status, body = call("POST", "/circle/users", map[string]any{"username": "ana", "password": "a long password", "groups": []string{"family"}})
 	if status != http.StatusCreated {
 		t.Fatalf("create user: %d %s", status, body)
+	}
+	status, body = call("POST", "/circle/invites", map[string]any{"groups": []string{"family"}})
+	if status != http.StatusOK || !strings.Contains(string(body), `"url":"https://circle.test:9443/register?invite=`) {
+		t.Fatalf("invite: %d %s, want a URL with the https port", status, body)
 	}
 	app := activeApp.Load()
 	repl := app.Replicator()
