@@ -287,5 +287,4 @@ var (
 	_ caddycmd.CommandFunc = cmdUserAdd
 	_ caddycmd.CommandFunc = cmdInvite
 	_ caddycmd.CommandFunc = cmdStatus
-	_ caddycmd.CommandFunc = cmdDemo
 )

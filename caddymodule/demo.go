@@ -366,3 +366,6 @@ func demoPassword() string {
 	rand.Read(b)
 	return base64.RawURLEncoding.EncodeToString(b)
 }
+
+// Interface guards
+var _ caddycmd.CommandFunc = cmdDemo
