@@ -453,3 +453,60 @@ func TestJoinRetriesUnreachableSeed(t *testing.T) {
 	waitConverged(t, early, late)
 	waitFor(t, 5*time.Second, "catch-up after background join", func() bool { return valueIs(late, "b", "k", "v") })
 }
+
+func TestCrashedPeerGoesSuspectThenDead(t *testing.T) {
+	nodes := cluster(t, 3, func(c *Config) {
+		c.tune = func(mc *memberlist.Config) {
+			fastMemberlist(mc)
+			mc.SuspicionMult = 20 // memberlist declares death after 2s
+			mc.SuspicionMaxTimeoutMult = 1
+		}
+	})
+	victim := nodes[2].Name()
+	if err := nodes[2].shutdown(false); err != nil {
+		t.Fatal(err)
+	}
+	stateOf := func(name string) string {
+		for _, m := range nodes[0].Members() {
+			if m.Name == name {
+				return m.State
+			}
+		}
+		return ""
+	}
+	waitFor(t, 2*time.Second, "suspect", func() bool { return stateOf(victim) == "suspect" })
+	if st := nodes[0].Stats(); st.AliveMembers != 3 {
+		t.Fatalf("a suspect node should still count: %+v", st)
+	}
+	waitFor(t, 10*time.Second, "dead", func() bool { return stateOf(victim) == "dead" })
+	if st := nodes[0].Stats(); st.AliveMembers != 2 {
+		t.Fatalf("a dead node should not count: %+v", st)
+	}
+	if s := stateOf(nodes[1].Name()); s != "alive" {
+		t.Fatalf("live peer is %q", s)
+	}
+}
+
+func TestCustomTransport(t *testing.T) {
+	dir := t.TempDir()
+	var nodes []*Node
+	for i := range 2 {
+		nt, err := memberlist.NewNetTransport(&memberlist.NetTransportConfig{BindAddrs: []string{"127.0.0.1"}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg := testConfig(t, dir, fmt.Sprintf("t%d", i))
+		cfg.Transport = nt
+		if i > 0 {
+			cfg.Join = []string{nodes[0].Addr()}
+		}
+		nodes = append(nodes, open(t, cfg))
+	}
+	waitConverged(t, nodes...)
+	if err := nodes[1].Put(ctxT(t), "b", "k", bytes.Repeat([]byte("z"), 5000)); err != nil {
+		t.Fatal(err)
+	}
+	if !valueIs(nodes[0], "b", "k", string(bytes.Repeat([]byte("z"), 5000))) {
+		t.Fatal("not replicated over the custom transport")
+	}
+}

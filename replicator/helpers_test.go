@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -147,3 +148,7 @@ func ctxT(t testing.TB) context.Context {
 	t.Cleanup(cancel)
 	return ctx
 }
+
+type atomicCounter struct{ v atomic.Int64 }
+
+func (c *atomicCounter) next() int { return int(c.v.Add(1)) }

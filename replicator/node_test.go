@@ -232,3 +232,36 @@ func TestWatchLocal(t *testing.T) {
 		t.Errorf("cancelled watcher was called: %v", got)
 	}
 }
+
+func TestRemoteRecordAdvancesClock(t *testing.T) {
+	dir := t.TempDir()
+	cfg := testConfig(t, dir, "solo")
+	n, err := Open(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	future := uint64(time.Now().Add(time.Hour).UnixMilli()) << 16
+	if err := n.applyRemote([]Record{{Bucket: "b", Key: "remote", Value: []byte("r"), Version: Version{Time: future, Node: "fast"}}}, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Put(ctxT(t), "b", "local", []byte("l")); err != nil {
+		t.Fatal(err)
+	}
+	r, _ := n.Get("b", "local")
+	if r.Version.Time <= future {
+		t.Fatalf("local version %v not after the remote %x", r.Version, future)
+	}
+	// A local overwrite of the remote record wins, and the clock survives a restart.
+	if err := n.Put(ctxT(t), "b", "remote", []byte("mine")); err != nil || !valueIs(n, "b", "remote", "mine") {
+		t.Fatalf("overwrite after a future remote record: %v", err)
+	}
+	n.Close()
+	n2 := open(t, cfg)
+	if err := n2.Put(ctxT(t), "b", "after", nil); err != nil {
+		t.Fatal(err)
+	}
+	r2, _ := n2.Get("b", "after")
+	if r2.Version.Time <= r.Version.Time {
+		t.Fatalf("clock went back across restart: %v after %v", r2.Version, r.Version)
+	}
+}

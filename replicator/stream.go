@@ -226,8 +226,8 @@ func (s *secureConn) handshake(streamKey []byte, dialer bool) error {
 	defer c.SetDeadline(time.Time{})
 	mine := make([]byte, nonceLen)
 	rand.Read(mine)
-	s.r = bufio.NewReaderSize(c, 32<<10)
-	s.w = bufio.NewWriterSize(c, 32<<10)
+	s.r = bufio.NewReaderSize(c, 8<<10)
+	s.w = bufio.NewWriterSize(c, 8<<10)
 	var theirs []byte
 	var err error
 	if dialer {
