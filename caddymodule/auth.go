@@ -40,6 +40,8 @@ func init() {
 //     same port, as in the demo); anything else gets 401 with a JSON
 //     {"error": "..."} body. Never 500.
 //   - Policy failure: 403 with an HTML page.
+//   - The circle_session cookie itself is removed from the request before
+//     it goes on (other cookies stay), so apps never hold a circle token.
 type Auth struct {
 	// AllowGroups admits members of any of these groups (case-insensitive).
 	// Default: none. With neither AllowGroups nor AllowUsers, any signed-in
@@ -134,6 +136,36 @@ func stripRemoteHeaders(h http.Header) {
 	}
 }
 
+// stripSessionCookie removes the circle_session cookie from the request's
+// Cookie headers, keeping every other cookie as it was: the app behind the
+// gate gets the identity headers, never a token that would open every other
+// app of the circle if that app were compromised.
+func stripSessionCookie(h http.Header) {
+	vals := h["Cookie"]
+	out := vals[:0]
+	for _, v := range vals {
+		if !strings.Contains(v, SessionCookie) {
+			out = append(out, v)
+			continue
+		}
+		var kept []string
+		for part := range strings.SplitSeq(v, ";") {
+			name, _, _ := strings.Cut(strings.TrimSpace(part), "=")
+			if name != SessionCookie {
+				kept = append(kept, strings.TrimSpace(part))
+			}
+		}
+		if len(kept) > 0 {
+			out = append(out, strings.Join(kept, "; "))
+		}
+	}
+	if len(out) == 0 {
+		delete(h, "Cookie")
+		return
+	}
+	h["Cookie"] = out
+}
+
 // ServeHTTP implements caddyhttp.MiddlewareHandler.
 func (g *Auth) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.Handler) error {
 	stripRemoteHeaders(r.Header)
@@ -164,6 +196,7 @@ func (g *Auth) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhttp.
 		return nil
 	}
 
+	stripSessionCookie(r.Header)
 	groups := strings.Join(claims.Groups, ",")
 	// One backing array for the four header values.
 	vals := [...]string{claims.Username, claims.Name, claims.Email, groups}

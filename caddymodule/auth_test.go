@@ -355,3 +355,32 @@ func BenchmarkGate(b *testing.B) {
 		_ = g.ServeHTTP(w, r, next)
 	}
 }
+
+func TestStripSessionCookie(t *testing.T) {
+	cases := []struct {
+		in   []string
+		want []string
+	}{
+		{[]string{"circle_session=abc"}, nil},
+		{[]string{"a=1; circle_session=abc; b=2"}, []string{"a=1; b=2"}},
+		{[]string{"a=1", "circle_session=x"}, []string{"a=1"}},
+		{[]string{"not_circle_session=1; circle_session_x=2"}, []string{"not_circle_session=1; circle_session_x=2"}},
+		{[]string{"grafana_session=z"}, []string{"grafana_session=z"}},
+	}
+	for _, c := range cases {
+		h := http.Header{}
+		for _, v := range c.in {
+			h.Add("Cookie", v)
+		}
+		stripSessionCookie(h)
+		got := h.Values("Cookie")
+		if len(got) != len(c.want) {
+			t.Fatalf("%q: got %q, want %q", c.in, got, c.want)
+		}
+		for i := range got {
+			if got[i] != c.want[i] {
+				t.Fatalf("%q: got %q, want %q", c.in, got, c.want)
+			}
+		}
+	}
+}

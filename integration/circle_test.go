@@ -70,6 +70,9 @@ func openApp(t *testing.T, n *node, cookie *http.Cookie, wantUser string) {
 			t.Fatalf("client-supplied Remote-User reached the app: %v", h)
 		}
 	}
+	if strings.Contains(strings.Join(h.Values("Cookie"), ";"), "circle_session") {
+		t.Fatalf("the circle session cookie reached the app: %v", h.Values("Cookie"))
+	}
 	if len(h.Values("Remote-User")) != 1 {
 		t.Fatalf("app saw Remote-User %v, want exactly one value", h.Values("Remote-User"))
 	}
