@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"sync"
 	"testing"
 	"time"
@@ -290,7 +291,8 @@ func TestCatchUpAfterDowntime(t *testing.T) {
 	if ms := c2.Members(); len(ms) != 3 {
 		t.Fatalf("members after rejoin: %+v", ms)
 	}
-	if st := c2.Stats(); st.LastAntiEntropy.IsZero() || st.LastAntiEntropyPeer == "" || st.AntiEntropyReceived < 200 {
+	waitFor(t, 5*time.Second, "exchange completed", func() bool { return !c2.Stats().LastAntiEntropy.IsZero() })
+	if st := c2.Stats(); st.LastAntiEntropyPeer == "" || st.AntiEntropyReceived < 200 || st.AntiEntropyRounds == 0 {
 		t.Fatalf("stats after catch-up: %+v", st)
 	}
 }
@@ -508,5 +510,34 @@ func TestCustomTransport(t *testing.T) {
 	}
 	if !valueIs(nodes[0], "b", "k", string(bytes.Repeat([]byte("z"), 5000))) {
 		t.Fatal("not replicated over the custom transport")
+	}
+}
+
+// TestStreamGarbage sends junk to the gossip port: the node must reject it
+// and keep working.
+func TestStreamGarbage(t *testing.T) {
+	nodes := cluster(t, 2, nil)
+	a := nodes[0]
+	junk := [][]byte{
+		{streamMagic},
+		{streamMagic, 1, 2, 3},
+		append([]byte{streamMagic}, bytes.Repeat([]byte{0xff}, 100)...),
+		append(append([]byte{streamMagic}, helloMsg(make([]byte, nonceLen))...), 0xff, 0xff, 0xff, 0xff, 1, 2),
+		append(append([]byte{streamMagic}, helloMsg(make([]byte, nonceLen))...), 0, 0, 0, 40, 1, 2, 3),
+		{0x06, 0xff, 0xff}, // memberlist's own stream types get junk too
+	}
+	for _, j := range junk {
+		c, err := net.Dial("tcp", a.Addr())
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Write(j)
+		c.Close()
+	}
+	if err := a.Put(ctxT(t), "b", "still", []byte("ok")); err != nil {
+		t.Fatal(err)
+	}
+	if !valueIs(nodes[1], "b", "still", "ok") {
+		t.Fatal("node stopped replicating after garbage")
 	}
 }

@@ -28,4 +28,13 @@
 //
 // Watch callbacks run serially on one goroutine per Node, never under the
 // Node's locks.
+//
+// Member states: memberlist's public API only tells which nodes are live,
+// so Members reports "suspect" for a live peer that no direct probe reached
+// for a while, "left" for a peer that announced its departure (Close sends
+// msgLeave to every peer before leaving, so writes stop waiting for it at
+// once) and "dead" for one memberlist declared gone without such notice.
+//
+// Not done yet: tombstones are kept forever (no garbage collection past a
+// horizon); values are stored as given (callers encrypt sensitive values).
 package replicator

@@ -2,6 +2,7 @@ package replicator
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/aes"
 	"crypto/cipher"
@@ -309,10 +310,16 @@ func (s *secureConn) recv(timeout time.Duration) (byte, []byte, error) {
 	if n < uint32(s.open.Overhead()) || n > maxFrame+uint32(s.open.Overhead()) {
 		return 0, nil, fmt.Errorf("%w: frame length %d", errMalformed, n)
 	}
-	ct := make([]byte, n)
-	if _, err := io.ReadFull(s.r, ct); err != nil {
+	// Grow with the bytes that actually arrive: an unauthenticated peer
+	// must not make us allocate maxFrame by sending a length.
+	var buf bytes.Buffer
+	if _, err := io.CopyN(&buf, s.r, int64(n)); err != nil {
+		if err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
 		return 0, nil, err
 	}
+	ct := buf.Bytes()
 	pt, err := s.open.Open(ct[:0], seqNonce(s.recvSeq), ct, nil)
 	if err != nil {
 		return 0, nil, errAuth
