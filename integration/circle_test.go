@@ -368,6 +368,11 @@ func TestSurvivesSigkillAfterAck(t *testing.T) {
 	if err := beta.addUser("dee", "dee's long password"); err != nil {
 		t.Fatal(err)
 	}
+	// Status tells the truth about the dead node (memberlist suspicion
+	// capped at ~8 s in a small circle).
+	killed := time.Now()
+	beta.waitMembers(2)
+	t.Logf("beta reported alpha down %v after the kill", time.Since(killed).Round(100*time.Millisecond))
 
 	alpha.start()
 	alpha.waitMembers(3)

@@ -197,6 +197,12 @@ func Open(cfg Config) (*Node, error) {
 	mc.Ping = pings{n}
 	mc.Logger = mlLog
 	mc.DeadNodeReclaimTime = 30 * time.Second // home servers change addresses
+	// A circle has a handful of nodes, so a suspicion rarely collects the
+	// independent confirmations that shorten it, and memberlist's default
+	// ceiling (6x the 4 s minimum) would leave a crashed node "alive" for
+	// ~24 s, holding up acknowledged writes that wait for it. 2x keeps a
+	// slow node some slack and declares a dead one within ~8 s.
+	mc.SuspicionMaxTimeoutMult = 2
 	if cfg.tune != nil {
 		cfg.tune(mc)
 	}
