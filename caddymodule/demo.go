@@ -3,9 +3,12 @@ package caddymodule
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -21,11 +24,11 @@ import (
 )
 
 // Demo defaults: alpha, beta and gamma serve HTTPS on base..base+2, HTTP on
-// base+10.., gossip on base+20.. and their admin APIs on 127.0.0.1:2020x.
+// base+10.., gossip on base+20.. and their admin APIs on 127.0.0.1:base+30..,
+// so one --base-port moves a whole demo out of another's way.
 const (
 	defaultDemoBasePort = 8441
 	demoDomain          = "circle.localhost"
-	demoAdminBasePort   = 20200
 	demoStartTimeout    = 60 * time.Second
 	demoStopTimeout     = 15 * time.Second
 )
@@ -57,7 +60,7 @@ func demoNodes(dir string, base int) []*demoNode {
 			Domain:     demoDomain,
 			Dir:        filepath.Join(dir, name),
 			SecretFile: filepath.Join(dir, "secret"),
-			AdminPort:  demoAdminBasePort + i,
+			AdminPort:  base + 30 + i,
 			HTTPPort:   base + 10 + i,
 			HTTPSPort:  base + i,
 			GossipPort: base + 20 + i,
@@ -252,6 +255,21 @@ func (n *demoNode) rootPEM() (string, error) {
 	return ca.Root, nil
 }
 
+// servesTLS reports whether the node answers TLS for the portal's and the
+// demo app's names with a chain that roots verify.
+func (n *demoNode) servesTLS(roots *x509.CertPool) error {
+	for _, name := range []string{n.Domain, "app." + n.Domain} {
+		d := &net.Dialer{Timeout: 2 * time.Second}
+		conn, err := tls.DialWithDialer(d, "tcp", fmt.Sprintf("127.0.0.1:%d", n.HTTPSPort),
+			&tls.Config{ServerName: name, RootCAs: roots})
+		if err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+		conn.Close()
+	}
+	return nil
+}
+
 func (n *demoNode) statusUp() error {
 	var st statusJSON
 	return adminCall(n.adminAddr(), http.MethodGet, "/circle/status", nil, &st)
@@ -259,7 +277,7 @@ func (n *demoNode) statusUp() error {
 
 func cmdDemo(fl caddycmd.Flags) (int, error) {
 	base := fl.Int("base-port")
-	if base <= 0 || base+22 > 65535 {
+	if base <= 0 || base+32 > 65535 {
 		return caddy.ExitCodeFailedStartup, fmt.Errorf("--base-port %d out of range", base)
 	}
 	exe, err := os.Executable()
@@ -307,6 +325,18 @@ func cmdDemo(fl caddycmd.Flags) (int, error) {
 	}
 	for _, n := range nodes {
 		if err := n.waitUntil(ctx, demoStartTimeout, "admin API", n.statusUp); err != nil {
+			return caddy.ExitCodeFailedStartup, err
+		}
+	}
+	// Only say "running" once every node completes a TLS handshake, trusted
+	// by the shared root, for the portal and the app: the nodes obtain
+	// their certificates in the background after their admin API is up.
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM([]byte(root)) {
+		return caddy.ExitCodeFailedStartup, fmt.Errorf("the internal CA root is not PEM")
+	}
+	for _, n := range nodes {
+		if err := n.waitUntil(ctx, demoStartTimeout, "certificates", func() error { return n.servesTLS(roots) }); err != nil {
 			return caddy.ExitCodeFailedStartup, err
 		}
 	}

@@ -209,7 +209,10 @@ type sessionView struct {
 func setSecurityHeaders(h http.Header) {
 	h.Set("X-Frame-Options", "DENY")
 	h.Set("Content-Security-Policy", portalCSP)
-	h.Set("Referrer-Policy", "no-referrer")
+	// same-origin, not no-referrer: under no-referrer browsers send
+	// "Origin: null" with the portal's own form POSTs, which the Origin check
+	// must refuse; same-origin still gives other sites no referrer.
+	h.Set("Referrer-Policy", "same-origin")
 	h.Set("X-Content-Type-Options", "nosniff")
 	h.Set("Cache-Control", "no-store")
 }

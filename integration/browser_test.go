@@ -263,28 +263,6 @@ func circleSPKIPins(t *testing.T, c *circle, root *x509.Certificate) []string {
 	return pins
 }
 
-// skipOnKnownOriginNullBug skips the test when the portal refused its own
-// login form as cross-site. Known product bug: the portal's pages set
-// Referrer-Policy no-referrer (setSecurityHeaders in caddymodule/portal.go
-// and the meta tag in portal_templates/layout.html), so by the Fetch
-// standard a browser sends "Origin: null" with their form POSTs, and
-// Portal.sameOrigin refuses that Origin. No form of the portal can then be
-// sent from a real browser. The skip matches only that refusal; delete
-// this function and its call with the fix, so that a regression fails.
-func skipOnKnownOriginNullBug(t *testing.T, b *browser, resp *network.Response) {
-	t.Helper()
-	if resp.Status != http.StatusForbidden {
-		return
-	}
-	if msg, err := browserTry(b, chromedp.Text(chromedp.CSS(`main p.msg.err`))); err != nil ||
-		msg != "This form was sent from another site and was refused." {
-		return
-	}
-	t.Skip("KNOWN PRODUCT BUG: the portal refuses its own login form from a real browser " +
-		"(Referrer-Policy no-referrer makes chromium send Origin: null, which Portal.sameOrigin " +
-		"in caddymodule/portal.go rejects); see skipOnKnownOriginNullBug")
-}
-
 // TestBrowserSingleSignOn drives a real browser (Debian's chromium)
 // through a three-node circle: the gate sends it to the portal's login
 // form, the session cookie then opens the app on every node's port, the
@@ -339,7 +317,6 @@ func TestBrowserSingleSignOn(t *testing.T) {
 		chromedp.SendKeys(chromedp.CSS(`input[name="password"]`), "correct horse battery"),
 	)
 	resp = b.submit("sign in", `form[action="/login"] button[type="submit"]`)
-	skipOnKnownOriginNullBug(t, b, resp)
 	if loc := b.location(); loc != appURL || resp.Status != http.StatusOK {
 		t.Fatalf("after signing in: at %s (status %d), want %s; page says: %s", loc, resp.Status, appURL, b.pageText())
 	}
