@@ -543,6 +543,9 @@ func (p *Portal) loginForm(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	username, password := r.PostForm.Get("username"), r.PostForm.Get("password")
+	if len(username) <= 64 {
+		d.Username = username // typed back in for the next try (the same for known and unknown names)
+	}
 	if username == "" || password == "" {
 		d.Error = "Please enter your username and password."
 		renderPage(w, http.StatusBadRequest, "login", d)
