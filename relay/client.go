@@ -1,0 +1,127 @@
+package relay
+
+import (
+	"fmt"
+	"log/slog"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/pion/turn/v2"
+)
+
+// AllocateConfig configures Allocate. Zero values of optional fields mean
+// the default stated on the field.
+type AllocateConfig struct {
+	// Conn is the local UDP socket to talk to the TURN server from
+	// (required). The Allocation owns it and closes it on Close.
+	Conn net.PacketConn
+
+	// Server is the TURN server's host:port (required).
+	Server string
+
+	// Secret is the circle secret (required).
+	Secret []byte
+
+	// Node is this node's name, part of the credential username (required).
+	Node string
+
+	// TTL is how long the derived credentials are valid. The allocation
+	// stops being refreshable after that, so it must be replaced before
+	// (TODO: re-allocate automatically). Default DefaultCredentialTTL.
+	TTL time.Duration
+
+	// Logger receives pion's logs. Default: discard.
+	Logger *slog.Logger
+}
+
+// Allocation is a TURN allocation on a relay: PacketConn sends and
+// receives through the relay's address. pion refreshes the allocation
+// (every half lifetime) and its permissions (every 2 minutes) by itself.
+//
+// Known pion/turn v2 client pitfalls (DESIGN.md section 5):
+//   - One allocation per client: a second Allocate on the same turn.Client
+//     fails, so each Allocation has its own client and socket.
+//   - Failed channel binds are not retried: traffic to that peer stays on
+//     Send indications (36 bytes more per packet), which still works.
+//   - Stale nonce: the server's nonces expire after an hour; refreshes then
+//     get 438 Stale Nonce and are retried with the new nonce (up to 3
+//     times), but a lost retry leaves a long-lived relay on Send
+//     indications, which broke QUIC over TURN elsewhere. The nonce lifetime
+//     is a constant inside pion's server, so our tests cover an allocation
+//     refresh (TestAllocationSurvivesRefresh, with the lifetime shortened
+//     on the wire) but not nonce expiry; the NAT harness should run a
+//     relay for over an hour.
+//   - Credentials are REST-API style and expire after TTL, refreshes too.
+type Allocation struct {
+	client *turn.Client
+	relay  net.PacketConn
+	conn   net.PacketConn
+
+	once sync.Once
+	err  error
+}
+
+// Allocate creates a UDP allocation on the TURN server cfg.Server with
+// credentials derived from the circle secret.
+func Allocate(cfg AllocateConfig) (*Allocation, error) {
+	if cfg.Conn == nil || cfg.Server == "" {
+		return nil, fmt.Errorf("%w: allocate: conn and server are required", ErrInvalid)
+	}
+	if cfg.TTL <= 0 {
+		cfg.TTL = DefaultCredentialTTL
+	}
+	user, pass, err := Credentials(cfg.Secret, cfg.Node, time.Now().Add(cfg.TTL))
+	if err != nil {
+		return nil, err
+	}
+	c, err := turn.NewClient(&turn.ClientConfig{
+		STUNServerAddr: cfg.Server,
+		TURNServerAddr: cfg.Server,
+		Username:       user,
+		Password:       pass,
+		Conn:           cfg.Conn,
+		LoggerFactory:  pionLogs{orDiscard(cfg.Logger)},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("relay: turn client: %w", err)
+	}
+	if err := c.Listen(); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("relay: turn client: %w", err)
+	}
+	rc, err := c.Allocate()
+	if err != nil {
+		c.Close()
+		cfg.Conn.Close() // stops the client's read loop
+		// pion's server answers refused credentials with 400 (bad
+		// integrity) or 401; its client only reports the text.
+		if msg := err.Error(); strings.Contains(msg, "error 400") || strings.Contains(msg, "error 401") {
+			return nil, fmt.Errorf("%w: allocating on %s: %w", ErrAuth, cfg.Server, err)
+		}
+		return nil, fmt.Errorf("relay: allocating on %s: %w", cfg.Server, err)
+	}
+	return &Allocation{client: c, relay: rc, conn: cfg.Conn}, nil
+}
+
+// PacketConn returns the relayed connection: its LocalAddr is the relayed
+// address on the TURN server; WriteTo creates the TURN permission (and a
+// channel binding) for the destination on first use.
+func (a *Allocation) PacketConn() net.PacketConn { return a.relay }
+
+// RelayAddr returns the relayed address peers send to.
+func (a *Allocation) RelayAddr() net.Addr { return a.relay.LocalAddr() }
+
+// Close releases the allocation (best effort), stops pion's timers and
+// closes the socket. It is idempotent.
+func (a *Allocation) Close() error {
+	a.once.Do(func() {
+		a.err = a.relay.Close()
+		a.client.Close()
+		if err := a.conn.Close(); a.err == nil {
+			a.err = err
+		}
+	})
+	return a.err
+}
