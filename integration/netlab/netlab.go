@@ -1,0 +1,751 @@
+// Package netlab builds NAT topologies out of Linux network namespaces for
+// integration tests (DESIGN.md section 6, "NAT").
+//
+// A Lab owns a set of namespaces whose names share a per-lab prefix
+// ("cir" + pid%10000 + "l" + lab number, e.g. "cir4711l0n3"). Every namespace is
+// deleted in t.Cleanup (after killing processes left inside it), and New sweeps
+// namespaces of the same scheme left behind by crashed runs: an owner file in
+// /run/netlab records the pid and start time of the process that created a
+// prefix, and prefixes whose owner is gone are removed.
+//
+// Topology:
+//
+//	inet := lab.Internet("198.18.0.0/24") // namespace with a bridge; .1 is the gateway
+//	r := lab.Host(inet, "r", "198.18.0.10")
+//	rt := lab.Router(inet, "homeA", "198.18.0.20", "100.64.1.0/24", netlab.Cone)
+//	a := lab.Host(rt, "a", "100.64.1.2") // default route via 100.64.1.1
+//
+// All links are veth pairs created directly inside the namespaces (never in
+// the root namespace), so nothing outside the lab's namespaces is touched.
+//
+// NAT models (iptables, nf_tables backend):
+//   - Cone: MASQUERADE, which keeps the source port when it is free, so a socket
+//     gets the same public port for every destination (endpoint-independent
+//     mapping; filtering is address-and-port dependent, as in most home
+//     routers: a "port-restricted cone"). Hole punching works.
+//   - Symmetric: MASQUERADE --random-fully, a fresh random port per destination.
+//
+// Routers drop unsolicited inbound traffic (INPUT and FORWARD from the uplink
+// accept only ESTABLISHED,RELATED), like a home router's firewall; this also
+// keeps an early punching packet from creating a conntrack entry on the peer's
+// router that would force the peer onto another port.
+//
+// Impairments, all on a node's uplink ("eth0"), modelled after netem on that
+// interface's egress:
+//   - Loss(n, p): iptables statistic match, each packet n sends upstream is
+//     dropped with probability p.
+//   - Delay(n, d): netem is missing from the kernel, so packets n sends upstream
+//     are queued (iptables NFQUEUE in the raw table, before conntrack and NAT) to
+//     a small netlink client inside the test process that accepts each packet d
+//     after it arrived. Round trips through n grow by d.
+//   - Partition(x, y) / Heal(x, y): raw-table DROP rules in both namespaces for
+//     the other side's addresses.
+//
+// Code can run inside a namespace either as a process (Node.Command, which uses
+// "ip netns exec") or in the test process itself (Node.Run, which switches the
+// calling OS thread into the namespace; sockets created there stay in that
+// namespace and can then be used from any goroutine).
+package netlab
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"runtime"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// Mode selects the NAT behaviour of a Router.
+type Mode int
+
+const (
+	// Cone is port-preserving MASQUERADE (endpoint-independent mapping).
+	Cone Mode = iota
+	// Symmetric is MASQUERADE --random-fully (a new port per destination).
+	Symmetric
+)
+
+func (m Mode) String() string {
+	if m == Symmetric {
+		return "symmetric"
+	}
+	return "cone"
+}
+
+type kind int
+
+const (
+	kindInternet kind = iota
+	kindRouter
+	kindHost
+)
+
+const (
+	netnsDir = "/run/netns"
+	ownerDir = "/run/netlab"
+	// shiftedBase is where ChangeMapping moves a cone router's ports.
+	shiftedBase = 10000
+	shiftedSize = 10000
+)
+
+var nsNameRE = regexp.MustCompile(`^(cir\d{4}l\d+)n\d+$`)
+
+// Lab is a set of namespaces built for one test.
+type Lab struct {
+	t      testing.TB
+	prefix string
+
+	mu     sync.Mutex
+	n      int
+	nodes  []*Node
+	parts  map[[2]*Node]bool
+	queues []*delayQueue
+	closed bool
+}
+
+// Node is a namespace in the lab: the internet hub, a home router or a host.
+type Node struct {
+	lab  *Lab
+	kind kind
+	// Name is the name given by the test; NS is the network namespace name.
+	Name, NS string
+	// Addr is the node's own address: the gateway of an Internet, the public
+	// address of a Router, the address of a Host.
+	Addr netip.Addr
+	// Prefix is the node's subnet: the internet's for Internet nodes, Routers
+	// and hosts on the internet; the LAN for hosts behind a router.
+	Prefix netip.Prefix
+	// LAN is a Router's home network and Gateway its address on it.
+	LAN     netip.Prefix
+	Gateway netip.Addr
+	Mode    Mode
+	Parent  *Node
+
+	mu       sync.Mutex
+	links    int
+	shift    int
+	loss     float64
+	delay    *delayQueue
+	children int
+}
+
+// New returns an empty lab. It skips the test unless it runs as root with
+// working "ip netns", iptables and conntrack; with CI=true it fails instead.
+func New(t testing.TB) *Lab {
+	t.Helper()
+	if err := check(); err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("netlab: %v (CI=true: network namespaces are required)", err)
+		}
+		t.Skipf("netlab: %v", err)
+	}
+	sweepOnce.Do(func() { sweep(t) })
+	l := &Lab{t: t, parts: map[[2]*Node]bool{}}
+	l.prefix = claimPrefix(t)
+	t.Cleanup(l.close)
+	return l
+}
+
+func check() error {
+	if os.Geteuid() != 0 {
+		return errors.New("not root")
+	}
+	for _, b := range []string{"ip", "iptables", "conntrack"} {
+		if _, err := exec.LookPath(b); err != nil {
+			return fmt.Errorf("%s not installed", b)
+		}
+	}
+	if out, err := exec.Command("ip", "netns", "list").CombinedOutput(); err != nil {
+		return fmt.Errorf("ip netns list: %v: %s", err, out)
+	}
+	return nil
+}
+
+var sweepOnce sync.Once
+
+// procStart returns the start time (in clock ticks since boot) of pid, or "".
+func procStart(pid int) string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return ""
+	}
+	// The command name (field 2) may contain spaces; fields after ")".
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return ""
+	}
+	f := strings.Fields(string(b[i+1:]))
+	if len(f) < 20 {
+		return ""
+	}
+	return f[19] // field 22 overall
+}
+
+func ownerAlive(prefix string) bool {
+	b, err := os.ReadFile(filepath.Join(ownerDir, prefix))
+	if err != nil {
+		return false
+	}
+	f := strings.Fields(string(b))
+	if len(f) != 2 {
+		return false
+	}
+	pid, err := strconv.Atoi(f[0])
+	if err != nil {
+		return false
+	}
+	return procStart(pid) == f[1]
+}
+
+// sweep deletes namespaces of the netlab scheme whose owning process is gone.
+func sweep(t testing.TB) {
+	ents, err := os.ReadDir(netnsDir)
+	if err != nil {
+		return
+	}
+	dead := map[string]bool{}
+	for _, e := range ents {
+		m := nsNameRE.FindStringSubmatch(e.Name())
+		if m == nil {
+			continue
+		}
+		isDead, ok := dead[m[1]]
+		if !ok {
+			isDead = !ownerAlive(m[1])
+			dead[m[1]] = isDead
+		}
+		if isDead {
+			t.Logf("netlab: removing stale namespace %s", e.Name())
+			deleteNS(e.Name())
+		}
+	}
+	for p, isDead := range dead {
+		if isDead {
+			os.Remove(filepath.Join(ownerDir, p))
+		}
+	}
+	// Owner files without namespaces.
+	if ents, err := os.ReadDir(ownerDir); err == nil {
+		for _, e := range ents {
+			if !ownerAlive(e.Name()) {
+				os.Remove(filepath.Join(ownerDir, e.Name()))
+			}
+		}
+	}
+}
+
+// claimPrefix reserves a prefix by creating its owner file exclusively.
+func claimPrefix(t testing.TB) string {
+	if err := os.MkdirAll(ownerDir, 0o755); err != nil {
+		t.Fatalf("netlab: %v", err)
+	}
+	pid := os.Getpid()
+	owner := fmt.Sprintf("%d %s\n", pid, procStart(pid))
+	for i := range 1000 {
+		p := fmt.Sprintf("cir%04dl%d", pid%10000, i)
+		f, err := os.OpenFile(filepath.Join(ownerDir, p), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+		if errors.Is(err, os.ErrExist) {
+			if ownerAlive(p) {
+				continue
+			}
+			// Stale prefix (owner died): clean it and take it over.
+			removePrefix(p)
+			f, err = os.OpenFile(filepath.Join(ownerDir, p), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+			if err != nil {
+				continue
+			}
+		} else if err != nil {
+			t.Fatalf("netlab: %v", err)
+		}
+		_, err = f.WriteString(owner)
+		f.Close()
+		if err != nil {
+			t.Fatalf("netlab: %v", err)
+		}
+		return p
+	}
+	t.Fatalf("netlab: no free namespace prefix")
+	return ""
+}
+
+func removePrefix(p string) {
+	if ents, err := os.ReadDir(netnsDir); err == nil {
+		for _, e := range ents {
+			if m := nsNameRE.FindStringSubmatch(e.Name()); m != nil && m[1] == p {
+				deleteNS(e.Name())
+			}
+		}
+	}
+	os.Remove(filepath.Join(ownerDir, p))
+}
+
+// deleteNS kills processes left in ns (never this process) and deletes it.
+func deleteNS(ns string) {
+	self := os.Getpid()
+	for range 20 {
+		out, err := exec.Command("ip", "netns", "pids", ns).Output()
+		if err != nil {
+			break
+		}
+		var pids []int
+		for _, f := range strings.Fields(string(out)) {
+			if pid, err := strconv.Atoi(f); err == nil && pid != self {
+				pids = append(pids, pid)
+			}
+		}
+		if len(pids) == 0 {
+			break
+		}
+		for _, pid := range pids {
+			unix.Kill(pid, unix.SIGKILL)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	exec.Command("ip", "netns", "delete", ns).Run()
+}
+
+func (l *Lab) close() {
+	l.mu.Lock()
+	l.closed = true
+	nodes := l.nodes
+	queues := l.queues
+	l.mu.Unlock()
+	for _, q := range queues {
+		q.stop()
+	}
+	for i := len(nodes) - 1; i >= 0; i-- {
+		deleteNS(nodes[i].NS)
+	}
+	os.Remove(filepath.Join(ownerDir, l.prefix))
+}
+
+// Namespaces returns the names of the lab's namespaces.
+func (l *Lab) Namespaces() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var s []string
+	for _, n := range l.nodes {
+		s = append(s, n.NS)
+	}
+	return s
+}
+
+// Prefix is the lab's namespace name prefix.
+func (l *Lab) Prefix() string { return l.prefix }
+
+func (l *Lab) fatalf(format string, args ...any) {
+	l.t.Helper()
+	l.t.Fatalf("netlab: "+format, args...)
+}
+
+// sh runs a command in the root namespace (only "ip" with -n or netns verbs).
+func (l *Lab) sh(name string, args ...string) {
+	l.t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		l.fatalf("%s %s: %v: %s", name, strings.Join(args, " "), err, out)
+	}
+}
+
+func (l *Lab) newNode(k kind, name string) *Node {
+	l.t.Helper()
+	l.mu.Lock()
+	ns := fmt.Sprintf("%sn%d", l.prefix, l.n)
+	l.n++
+	n := &Node{lab: l, kind: k, Name: name, NS: ns}
+	l.nodes = append(l.nodes, n)
+	l.mu.Unlock()
+	l.sh("ip", "netns", "add", ns)
+	l.sh("ip", "-n", ns, "link", "set", "lo", "up")
+	return n
+}
+
+// ipt runs iptables inside the node's namespace.
+func (n *Node) ipt(args ...string) {
+	n.lab.t.Helper()
+	n.lab.sh("ip", append([]string{"netns", "exec", n.NS, "iptables", "-w"}, args...)...)
+}
+
+func (n *Node) sysctl(key, val string) {
+	n.lab.t.Helper()
+	n.lab.sh("ip", "netns", "exec", n.NS, "sysctl", "-qw", key+"="+val)
+}
+
+func mustPrefix(l *Lab, s string) netip.Prefix {
+	p, err := netip.ParsePrefix(s)
+	if err != nil || !p.Addr().Is4() {
+		l.fatalf("bad prefix %q: %v", s, err)
+	}
+	p = p.Masked()
+	if !allowed(p.Addr()) {
+		l.fatalf("prefix %s outside 198.18.0.0/15 and 100.64.0.0/10", p)
+	}
+	return p
+}
+
+var (
+	inetRange = netip.MustParsePrefix("198.18.0.0/15")
+	lanRange  = netip.MustParsePrefix("100.64.0.0/10")
+)
+
+func allowed(a netip.Addr) bool { return inetRange.Contains(a) || lanRange.Contains(a) }
+
+func mustAddr(l *Lab, s string, in netip.Prefix) netip.Addr {
+	a, err := netip.ParseAddr(s)
+	if err != nil || !in.Contains(a) {
+		l.fatalf("address %q not in %s", s, in)
+	}
+	return a
+}
+
+// Internet creates the simulated internet: a namespace with a bridge that
+// holds the first address of prefix (the default gateway of its hosts).
+func (l *Lab) Internet(prefix string) *Node {
+	l.t.Helper()
+	p := mustPrefix(l, prefix)
+	if !inetRange.Contains(p.Addr()) {
+		l.fatalf("internet %s must be inside %s", p, inetRange)
+	}
+	n := l.newNode(kindInternet, "internet")
+	n.Prefix = p
+	n.Addr = p.Addr().Next()
+	l.sh("ip", "-n", n.NS, "link", "add", "br0", "type", "bridge")
+	l.sh("ip", "-n", n.NS, "addr", "add", netip.PrefixFrom(n.Addr, p.Bits()).String(), "dev", "br0")
+	l.sh("ip", "-n", n.NS, "link", "set", "br0", "up")
+	n.sysctl("net.ipv4.ip_forward", "1")
+	return n
+}
+
+// attach creates a veth pair: "eth0" in child, and a port of parent's bridge.
+func (l *Lab) attach(parent, child *Node, addr netip.Addr) {
+	l.t.Helper()
+	if parent.kind == kindHost {
+		l.fatalf("%s is a host; attach to an Internet or a Router", parent.Name)
+	}
+	parent.mu.Lock()
+	parent.children++
+	port := fmt.Sprintf("p%d", parent.children)
+	parent.mu.Unlock()
+	bridge := "br0"
+	pfx, gw := parent.Prefix, parent.Addr
+	if parent.kind == kindRouter {
+		bridge = "lan0"
+		pfx, gw = parent.LAN, parent.Gateway
+	}
+	if addr == gw {
+		l.fatalf("%s is the gateway address", addr)
+	}
+	l.sh("ip", "-n", child.NS, "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns", parent.NS)
+	l.sh("ip", "-n", parent.NS, "link", "set", port, "master", bridge, "up")
+	l.sh("ip", "-n", child.NS, "addr", "add", netip.PrefixFrom(addr, pfx.Bits()).String(), "dev", "eth0")
+	l.sh("ip", "-n", child.NS, "link", "set", "eth0", "up")
+	l.sh("ip", "-n", child.NS, "route", "add", "default", "via", gw.String())
+	child.Parent = parent
+	child.Prefix = pfx
+	child.Addr = addr
+}
+
+// Host creates a host attached to parent (an Internet or a Router) with the
+// given address; its default route goes via the parent.
+func (l *Lab) Host(parent *Node, name, addr string) *Node {
+	l.t.Helper()
+	pfx := parent.Prefix
+	if parent.kind == kindRouter {
+		pfx = parent.LAN
+	}
+	a := mustAddr(l, addr, pfx)
+	n := l.newNode(kindHost, name)
+	l.attach(parent, n, a)
+	return n
+}
+
+// Router creates a home router on inet with public address pub, NATing the
+// LAN lan (whose first address is the router's) with the given mode.
+func (l *Lab) Router(inet *Node, name, pub, lan string, mode Mode) *Node {
+	l.t.Helper()
+	if inet.kind != kindInternet {
+		l.fatalf("router %s must be attached to an Internet", name)
+	}
+	a := mustAddr(l, pub, inet.Prefix)
+	lp := mustPrefix(l, lan)
+	if !lanRange.Contains(lp.Addr()) {
+		l.fatalf("LAN %s must be inside %s", lp, lanRange)
+	}
+	n := l.newNode(kindRouter, name)
+	n.Mode = mode
+	n.LAN = lp
+	n.Gateway = lp.Addr().Next()
+	l.attach(inet, n, a)
+	l.sh("ip", "-n", n.NS, "link", "add", "lan0", "type", "bridge")
+	l.sh("ip", "-n", n.NS, "addr", "add", netip.PrefixFrom(n.Gateway, lp.Bits()).String(), "dev", "lan0")
+	l.sh("ip", "-n", n.NS, "link", "set", "lan0", "up")
+	n.sysctl("net.ipv4.ip_forward", "1")
+	// Firewall: nothing unsolicited from the uplink.
+	for _, chain := range []string{"INPUT", "FORWARD"} {
+		n.ipt("-A", chain, "-i", "eth0", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT")
+		n.ipt("-A", chain, "-i", "eth0", "-j", "DROP")
+	}
+	n.ipt(append([]string{"-t", "nat", "-A", "POSTROUTING"}, n.natRule()...)...)
+	return n
+}
+
+func (n *Node) natRule() []string {
+	r := []string{"-s", n.LAN.String(), "-o", "eth0"}
+	switch {
+	case n.Mode == Symmetric:
+		return append(r, "-j", "MASQUERADE", "--random-fully")
+	case n.shift == 0:
+		return append(r, "-j", "MASQUERADE")
+	default:
+		// Shifted port map: public port = lo + (source port - base) mod size,
+		// still independent of the destination.
+		lo := shiftedBase + (n.shift%5)*shiftedSize/5
+		return append(r, "-j", "SNAT", "--to-source",
+			fmt.Sprintf("%s:%d-%d/%d", n.Addr, lo, lo+shiftedSize/5-1, n.shift))
+	}
+}
+
+// ChangeMapping makes the router forget its NAT mappings (conntrack -F) so
+// the next packet of every flow gets a new public port. For a Cone router the
+// NAT rule is also rewritten (port-preserving MASQUERADE would otherwise hand
+// out the same ports again): TCP and UDP are then SNATed with a shifted port
+// map, so ports stay endpoint-independent but differ from before. Each call
+// moves to a different port block.
+func (n *Node) ChangeMapping() {
+	n.lab.t.Helper()
+	if n.kind != kindRouter {
+		n.lab.fatalf("ChangeMapping: %s is not a router", n.Name)
+	}
+	if n.Mode == Cone {
+		n.mu.Lock()
+		old := n.natRule()
+		n.shift++
+		rules := [][]string{n.natRule()}
+		n.mu.Unlock()
+		// Insert the new rules first, then drop the old one.
+		for _, proto := range []string{"udp", "tcp"} {
+			r := append([]string{"-t", "nat", "-I", "POSTROUTING", "1", "-p", proto}, rules[0]...)
+			n.ipt(r...)
+		}
+		if len(old) > 0 && n.shift > 1 {
+			for _, proto := range []string{"udp", "tcp"} {
+				n.ipt(append([]string{"-t", "nat", "-D", "POSTROUTING", "-p", proto}, old...)...)
+			}
+		}
+	}
+	n.lab.sh("ip", "netns", "exec", n.NS, "conntrack", "-F")
+}
+
+// Command returns a command that runs inside the node's namespace.
+func (n *Node) Command(ctx context.Context, name string, args ...string) *exec.Cmd {
+	return exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", n.NS, name}, args...)...)
+}
+
+// Run calls fn with the calling goroutine locked to an OS thread that is
+// switched into the node's namespace. Sockets opened by fn belong to the
+// namespace and keep working after Run returns, from any goroutine.
+// Goroutines started by fn do NOT run in the namespace.
+func (n *Node) Run(t testing.TB, fn func()) {
+	t.Helper()
+	if err := n.run(fn); err != nil {
+		t.Fatalf("netlab: run in %s: %v", n.Name, err)
+	}
+}
+
+func (n *Node) run(fn func()) error {
+	runtime.LockOSThread()
+	orig, err := os.Open("/proc/thread-self/ns/net")
+	if err != nil {
+		runtime.UnlockOSThread()
+		return err
+	}
+	defer orig.Close()
+	target, err := os.Open(filepath.Join(netnsDir, n.NS))
+	if err != nil {
+		runtime.UnlockOSThread()
+		return err
+	}
+	defer target.Close()
+	if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
+		runtime.UnlockOSThread()
+		return err
+	}
+	defer func() {
+		// If the thread cannot go back it stays locked and dies with the goroutine.
+		if unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET) == nil {
+			runtime.UnlockOSThread()
+		}
+	}()
+	fn()
+	return nil
+}
+
+// ListenPacket opens a packet socket inside the node's namespace.
+func (n *Node) ListenPacket(t testing.TB, network, addr string) net.PacketConn {
+	t.Helper()
+	var c net.PacketConn
+	var err error
+	n.Run(t, func() { c, err = net.ListenPacket(network, addr) })
+	if err != nil {
+		t.Fatalf("netlab: listen in %s: %v", n.Name, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// Listen opens a stream listener inside the node's namespace.
+func (n *Node) Listen(t testing.TB, network, addr string) net.Listener {
+	t.Helper()
+	var ln net.Listener
+	var err error
+	n.Run(t, func() { ln, err = net.Listen(network, addr) })
+	if err != nil {
+		t.Fatalf("netlab: listen in %s: %v", n.Name, err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return ln
+}
+
+// addrs are the addresses traffic of n carries as seen by its neighbours.
+func (n *Node) addrs() []netip.Addr {
+	s := []netip.Addr{n.Addr}
+	if n.kind == kindRouter {
+		s = append(s, n.Gateway)
+	}
+	return s
+}
+
+func partRules(other *Node) [][]string {
+	var r [][]string
+	for _, a := range other.addrs() {
+		s := a.String()
+		r = append(r,
+			[]string{"PREROUTING", "-s", s},
+			[]string{"PREROUTING", "-d", s},
+			[]string{"OUTPUT", "-d", s},
+		)
+	}
+	return r
+}
+
+// Partition drops all traffic between x and y (raw-table DROP rules in both
+// namespaces for the other's addresses). A router's address covers the whole
+// home behind it.
+func (l *Lab) Partition(x, y *Node) {
+	l.t.Helper()
+	key := [2]*Node{x, y}
+	if x.NS > y.NS {
+		key = [2]*Node{y, x}
+	}
+	l.mu.Lock()
+	done := l.parts[key]
+	l.parts[key] = true
+	l.mu.Unlock()
+	if done {
+		return
+	}
+	for _, p := range [][2]*Node{{x, y}, {y, x}} {
+		for _, r := range partRules(p[1]) {
+			p[0].ipt(append(append([]string{"-t", "raw", "-I"}, r...), "-j", "DROP")...)
+		}
+	}
+}
+
+// Heal removes a Partition between x and y.
+func (l *Lab) Heal(x, y *Node) {
+	l.t.Helper()
+	key := [2]*Node{x, y}
+	if x.NS > y.NS {
+		key = [2]*Node{y, x}
+	}
+	l.mu.Lock()
+	done := l.parts[key]
+	delete(l.parts, key)
+	l.mu.Unlock()
+	if !done {
+		return
+	}
+	for _, p := range [][2]*Node{{x, y}, {y, x}} {
+		for _, r := range partRules(p[1]) {
+			p[0].ipt(append(append([]string{"-t", "raw", "-D"}, r...), "-j", "DROP")...)
+		}
+	}
+}
+
+// Loss drops each packet n sends on its uplink with probability p (0 removes
+// the loss). For a router that is all traffic from its home to the internet.
+func (l *Lab) Loss(n *Node, p float64) {
+	l.t.Helper()
+	if n.kind == kindInternet {
+		l.fatalf("Loss: use a host or router, not the internet hub")
+	}
+	if p < 0 || p > 1 {
+		l.fatalf("Loss: probability %v", p)
+	}
+	n.mu.Lock()
+	old := n.loss
+	n.loss = p
+	n.mu.Unlock()
+	rule := func(op string, p float64) {
+		n.ipt("-t", "mangle", op, "POSTROUTING", "-o", "eth0", "-m", "statistic",
+			"--mode", "random", "--probability", strconv.FormatFloat(p, 'f', 6, 64), "-j", "DROP")
+	}
+	if old > 0 {
+		rule("-D", old)
+	}
+	if p > 0 {
+		rule("-A", p)
+	}
+}
+
+// Delay adds d of latency to every packet n sends on its uplink (for a
+// router: everything its home sends to the internet, and its own packets), so
+// round trips through n grow by d. d == 0 removes the delay. See delayQueue.
+func (l *Lab) Delay(n *Node, d time.Duration) {
+	l.t.Helper()
+	if n.kind == kindInternet {
+		l.fatalf("Delay: use a host or router, not the internet hub")
+	}
+	n.mu.Lock()
+	q := n.delay
+	n.mu.Unlock()
+	if q == nil {
+		if d <= 0 {
+			return
+		}
+		var err error
+		n.Run(l.t, func() { q, err = newDelayQueue(0) })
+		if err != nil {
+			l.fatalf("Delay: nfqueue in %s: %v", n.Name, err)
+		}
+		l.mu.Lock()
+		l.queues = append(l.queues, q)
+		l.mu.Unlock()
+		n.mu.Lock()
+		n.delay = q
+		n.mu.Unlock()
+		q.setDelay(d)
+		q.start()
+		// Queue in the raw table, before conntrack and NAT see the packet.
+		// --queue-bypass: if the queue went away, packets pass undelayed.
+		n.ipt("-t", "raw", "-A", "OUTPUT", "-o", "eth0", "-j", "NFQUEUE", "--queue-num", "0", "--queue-bypass")
+		if n.kind == kindRouter {
+			n.ipt("-t", "raw", "-A", "PREROUTING", "-i", "lan0", "-j", "NFQUEUE", "--queue-num", "0", "--queue-bypass")
+		}
+		return
+	}
+	q.setDelay(d)
+}
