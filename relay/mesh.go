@@ -1,0 +1,755 @@
+package relay
+
+import (
+	"context"
+	"crypto/ed25519"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/quic-go/quic-go"
+)
+
+// Wire format of the mesh (protocol version 1). One QUIC connection per
+// peer path, ALPN "circle-mesh/1", TLS 1.3 with certificates from the
+// circle secret (certs.go). On it:
+//
+//   - Bidirectional streams carry services. The opener writes
+//     version(1) | len(1) | service name (1..255 bytes), then the stream is
+//     the service's byte stream. A stream for a service nobody listens on
+//     is reset (both directions) with error code 1.
+//   - Unidirectional streams start with version(1) | type(1):
+//     type 1 "hello": len(2, big endian) | JSON {"addr": advertised
+//     address, "via": relay node name or ""}; each side sends one
+//     right after the handshake.
+//     type 2 "packet": the rest of the stream is one packet (at most
+//     64 KiB), used for packets too large for a datagram.
+//   - Datagrams (RFC 9221) carry packets: version(1) | type 2 | packet.
+//
+// Packets and streams are handed to the Transport (memberlist) and to
+// listeners registered with Listen.
+const (
+	meshALPN    = "circle-mesh/1"
+	meshVersion = 1
+
+	uniHello  = 1
+	uniPacket = 2
+
+	maxPacket    = 64 << 10
+	maxHello     = 4 << 10
+	headerWait   = 5 * time.Second // bound on reading a stream's header
+	errNoService = 1               // stream error code: no such service
+	errClosing   = 0               // connection error code: mesh closing
+)
+
+// Defaults used by DefaultMeshConfig and by NewMesh for zero fields.
+const (
+	DefaultHandshakeTimeout = 5 * time.Second
+	DefaultKeepAlive        = 5 * time.Second
+	DefaultIdleTimeout      = 20 * time.Second
+)
+
+// PathKind says how a connection reaches its peer.
+type PathKind string
+
+// Path kinds.
+const (
+	PathDirect  PathKind = "direct"  // straight to the peer's address
+	PathPunched PathKind = "punched" // through a hole-punched NAT mapping (not yet made by this package)
+	PathRelayed PathKind = "relayed" // through a TURN allocation on node Via
+)
+
+// MeshConfig configures a Mesh. Zero values of optional fields mean the
+// default stated on the field.
+type MeshConfig struct {
+	// Name is this node's name (required, at most 255 bytes).
+	Name string
+
+	// Secret is the circle secret (required, at least 16 bytes).
+	Secret []byte
+
+	// Conn is the socket the mesh runs on (required): a plain UDP socket
+	// or a TURN relay connection (Allocation.PacketConn). The Mesh reads
+	// it exclusively; it closes it on Close unless Via is set (then the
+	// Allocation owns it).
+	Conn net.PacketConn
+
+	// Via names the node whose TURN server Conn is relayed through, if it
+	// is a relay connection; every path of this Mesh is then reported as
+	// relayed via that node, on both ends. Default: direct.
+	Via string
+
+	// AdvertiseAddr is the host:port other nodes know this node by (its
+	// memberlist address). Default: Conn's local address, which must then
+	// be a specific IP.
+	AdvertiseAddr string
+
+	// HandshakeTimeout bounds a connection attempt. Default 5s.
+	HandshakeTimeout time.Duration
+
+	// KeepAlive is the QUIC keep-alive period; it holds NAT mappings open,
+	// so it must stay well under 30 s. Default 5s.
+	KeepAlive time.Duration
+
+	// IdleTimeout closes a connection that heard nothing from its peer
+	// for this long. Default 20s.
+	IdleTimeout time.Duration
+
+	// Logger receives the mesh's logs. Default: discard.
+	Logger *slog.Logger
+}
+
+// DefaultMeshConfig returns a MeshConfig with every default filled in;
+// Name, Secret and Conn must still be set.
+func DefaultMeshConfig() MeshConfig {
+	return MeshConfig{
+		HandshakeTimeout: DefaultHandshakeTimeout,
+		KeepAlive:        DefaultKeepAlive,
+		IdleTimeout:      DefaultIdleTimeout,
+	}
+}
+
+// PathInfo describes one live connection to a peer.
+type PathInfo struct {
+	Peer          string        // the peer's node name
+	Kind          PathKind      // direct, punched or relayed
+	Via           string        // for relayed paths: the node whose TURN server relays
+	Remote        string        // the peer's address as seen on our socket
+	Dialed        bool          // whether this node opened the connection
+	RTT           time.Duration // smoothed round-trip time
+	BytesSent     uint64        // on this connection, QUIC payload bytes
+	BytesReceived uint64
+	Since         time.Time // when the connection was established
+}
+
+// Mesh is one node's set of authenticated QUIC connections to its peers,
+// all over one socket. Every method is safe for concurrent use.
+type Mesh struct {
+	cfg       MeshConfig
+	caPub     ed25519.PublicKey
+	cert      tls.Certificate
+	advertise *net.UDPAddr
+	quicConf  *quic.Config
+	tr        *quic.Transport
+	ln        *quic.Listener
+	log       *slog.Logger
+	ctx       context.Context // cancelled by Close
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup // every goroutine the mesh starts
+
+	mu       sync.Mutex // guards the following
+	closed   bool
+	conns    map[string][]*meshConn        // by peer name, oldest first
+	addrs    map[string]string             // advertised or dialed address -> peer name
+	services map[string]*meshService       // by service name
+	packets  func(from net.Addr, b []byte) // packet sink (the Transport), or nil
+	dialing  map[string]time.Time          // peer -> start of the last automatic connect
+}
+
+// meshConn is one QUIC connection to a peer.
+type meshConn struct {
+	qc     *quic.Conn
+	peer   string
+	dialed bool
+	since  time.Time
+
+	mu        sync.Mutex // guards the following
+	kind      PathKind
+	via       string
+	advertise *net.UDPAddr // the peer's advertised address, from its hello
+}
+
+// NewMesh starts a mesh on cfg.Conn: it accepts connections from peers at
+// once.
+func NewMesh(cfg MeshConfig) (*Mesh, error) {
+	if cfg.Name == "" || len(cfg.Name) > 255 {
+		return nil, fmt.Errorf("%w: mesh: name is required (at most 255 bytes)", ErrInvalid)
+	}
+	if cfg.Conn == nil {
+		return nil, fmt.Errorf("%w: mesh: conn is required", ErrInvalid)
+	}
+	ca, err := meshCA(cfg.Secret)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.HandshakeTimeout <= 0 {
+		cfg.HandshakeTimeout = DefaultHandshakeTimeout
+	}
+	if cfg.KeepAlive <= 0 {
+		cfg.KeepAlive = DefaultKeepAlive
+	}
+	if cfg.IdleTimeout <= 0 {
+		cfg.IdleTimeout = DefaultIdleTimeout
+	}
+	cfg.Logger = orDiscard(cfg.Logger)
+	adv := cfg.AdvertiseAddr
+	if adv == "" {
+		adv = cfg.Conn.LocalAddr().String()
+	}
+	advertise, err := net.ResolveUDPAddr("udp", adv)
+	if err != nil {
+		return nil, fmt.Errorf("%w: mesh: advertise address %q: %w", ErrInvalid, adv, err)
+	}
+	if advertise.IP == nil || advertise.IP.IsUnspecified() || advertise.Port == 0 {
+		return nil, fmt.Errorf("%w: mesh: advertise address %q needs a specific IP and port", ErrInvalid, adv)
+	}
+	cert, err := nodeCert(ca, cfg.Name, time.Now())
+	if err != nil {
+		return nil, fmt.Errorf("relay: mesh certificate: %w", err)
+	}
+	m := &Mesh{
+		cfg:       cfg,
+		caPub:     ca.Public().(ed25519.PublicKey),
+		cert:      cert,
+		advertise: advertise,
+		log:       cfg.Logger.With("mesh", cfg.Name),
+		quicConf: &quic.Config{
+			HandshakeIdleTimeout:  cfg.HandshakeTimeout,
+			MaxIdleTimeout:        cfg.IdleTimeout,
+			KeepAlivePeriod:       cfg.KeepAlive,
+			EnableDatagrams:       true,
+			MaxIncomingStreams:    1024,
+			MaxIncomingUniStreams: 1024,
+		},
+		tr:       &quic.Transport{Conn: cfg.Conn},
+		conns:    map[string][]*meshConn{},
+		addrs:    map[string]string{},
+		services: map[string]*meshService{},
+		dialing:  map[string]time.Time{},
+	}
+	m.ctx, m.cancel = context.WithCancel(context.Background())
+	ln, err := m.tr.Listen(m.tlsConfig(""), m.quicConf)
+	if err != nil {
+		m.cancel()
+		m.tr.Close()
+		return nil, fmt.Errorf("relay: mesh listen: %w", err)
+	}
+	m.ln = ln
+	m.wg.Add(1)
+	go m.acceptLoop()
+	return m, nil
+}
+
+// tlsConfig returns the TLS configuration for dialing want (server side
+// when want is "" and for accepting).
+func (m *Mesh) tlsConfig(want string) *tls.Config {
+	return &tls.Config{
+		MinVersion:         tls.VersionTLS13,
+		Certificates:       []tls.Certificate{m.cert},
+		NextProtos:         []string{meshALPN},
+		ServerName:         "circle-mesh",
+		ClientAuth:         tls.RequireAnyClientCert,
+		InsecureSkipVerify: true, // verifyPeer below replaces the WebPKI checks
+		VerifyPeerCertificate: func(raw [][]byte, _ [][]*x509.Certificate) error {
+			_, err := verifyPeer(m.caPub, raw, m.cfg.Name, want, time.Now())
+			return err
+		},
+	}
+}
+
+// Name returns this node's name.
+func (m *Mesh) Name() string { return m.cfg.Name }
+
+// Addr returns the address this node advertises.
+func (m *Mesh) Addr() net.Addr { return m.advertise }
+
+// goTracked runs f in a goroutine the mesh waits for on Close, unless the
+// mesh is closed (then it reports false and does nothing).
+func (m *Mesh) goTracked(f func()) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return false
+	}
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		f()
+	}()
+	return true
+}
+
+func (m *Mesh) acceptLoop() {
+	defer m.wg.Done()
+	for {
+		qc, err := m.ln.Accept(m.ctx)
+		if err != nil {
+			return
+		}
+		name, err := peerNameOf(qc.ConnectionState().TLS)
+		if err != nil {
+			qc.CloseWithError(errClosing, "no peer name")
+			continue
+		}
+		m.register(qc, name, false)
+	}
+}
+
+// Connect makes sure a connection to peer exists, dialing addr if there
+// is none. An empty peer accepts whichever circle node answers at addr (its
+// name is learnt from its certificate). It fails with an error wrapping
+// ErrAuth if the node at addr cannot prove it holds the circle secret or is
+// not peer.
+func (m *Mesh) Connect(ctx context.Context, peer string, addr net.Addr) error {
+	_, err := m.connect(ctx, peer, addr)
+	return err
+}
+
+func (m *Mesh) connect(ctx context.Context, peer string, addr net.Addr) (*meshConn, error) {
+	if peer == m.cfg.Name {
+		return nil, fmt.Errorf("%w: connect: %q is this node", ErrInvalid, peer)
+	}
+	if peer == "" {
+		peer = m.nameFor(addr.String())
+	}
+	if peer != "" {
+		if mc := m.best(peer); mc != nil {
+			return mc, nil
+		}
+	}
+	m.mu.Lock()
+	closed := m.closed
+	m.mu.Unlock()
+	if closed {
+		return nil, ErrClosed
+	}
+	ctx, cancel := context.WithTimeout(ctx, m.cfg.HandshakeTimeout)
+	defer cancel()
+	qc, err := m.tr.Dial(ctx, addr, m.tlsConfig(peer), m.quicConf)
+	if err != nil {
+		var te *quic.TransportError
+		if errors.As(err, &te) && te.ErrorCode.IsCryptoError() {
+			return nil, fmt.Errorf("%w: connecting to %s at %v: %w", ErrAuth, peer, addr, err)
+		}
+		return nil, fmt.Errorf("%w: connecting to %s at %v: %w", ErrNoPeer, peer, addr, err)
+	}
+	name, err := peerNameOf(qc.ConnectionState().TLS)
+	if err != nil {
+		qc.CloseWithError(errClosing, "no peer name")
+		return nil, fmt.Errorf("%w: %w", ErrAuth, err)
+	}
+	mc := m.register(qc, name, true)
+	if mc == nil {
+		return nil, ErrClosed
+	}
+	m.mu.Lock()
+	m.addrs[addr.String()] = name
+	m.mu.Unlock()
+	return mc, nil
+}
+
+// register adds an established connection and starts serving it. It
+// returns nil (and closes qc) if the mesh is closed.
+func (m *Mesh) register(qc *quic.Conn, name string, dialed bool) *meshConn {
+	mc := &meshConn{qc: qc, peer: name, dialed: dialed, since: time.Now(), kind: PathDirect}
+	if m.cfg.Via != "" {
+		mc.kind, mc.via = PathRelayed, m.cfg.Via
+	}
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		qc.CloseWithError(errClosing, "mesh closed")
+		return nil
+	}
+	m.conns[name] = append(m.conns[name], mc)
+	m.wg.Add(3)
+	m.mu.Unlock()
+	m.log.Debug("mesh: connected", "peer", name, "remote", qc.RemoteAddr().String(), "dialed", dialed)
+	go m.serveStreams(mc)
+	go m.serveUni(mc)
+	go m.serveDatagrams(mc)
+	return mc
+}
+
+// unregister drops a connection that ended.
+func (m *Mesh) unregister(mc *meshConn) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	list := m.conns[mc.peer]
+	for i, c := range list {
+		if c == mc {
+			list = append(list[:i:i], list[i+1:]...)
+			break
+		}
+	}
+	if len(list) == 0 {
+		delete(m.conns, mc.peer)
+	} else {
+		m.conns[mc.peer] = list
+	}
+	m.log.Debug("mesh: disconnected", "peer", mc.peer)
+}
+
+// best returns the connection to use for peer: a live one, direct before
+// punched before relayed, newest first; nil if there is none.
+func (m *Mesh) best(peer string) *meshConn {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	var best *meshConn
+	rank := func(mc *meshConn) int {
+		mc.mu.Lock()
+		defer mc.mu.Unlock()
+		switch mc.kind {
+		case PathDirect:
+			return 0
+		case PathPunched:
+			return 1
+		}
+		return 2
+	}
+	for _, mc := range m.conns[peer] {
+		if mc.qc.Context().Err() != nil {
+			continue
+		}
+		if best == nil || rank(mc) <= rank(best) {
+			best = mc
+		}
+	}
+	return best
+}
+
+// nameFor returns the peer name known for an address, or "".
+func (m *Mesh) nameFor(addr string) string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.addrs[addr]
+}
+
+func (m *Mesh) serveStreams(mc *meshConn) {
+	defer m.wg.Done()
+	defer m.unregister(mc)
+	for {
+		s, err := mc.qc.AcceptStream(m.ctx)
+		if err != nil {
+			return
+		}
+		m.goTracked(func() { m.handleStream(mc, s) })
+	}
+}
+
+// handleStream reads a stream's header and hands it to its service.
+func (m *Mesh) handleStream(mc *meshConn, s *quic.Stream) {
+	s.SetReadDeadline(time.Now().Add(headerWait))
+	var hdr [2]byte
+	if _, err := io.ReadFull(s, hdr[:]); err != nil || hdr[0] != meshVersion || hdr[1] == 0 {
+		s.CancelRead(errNoService)
+		s.CancelWrite(errNoService)
+		return
+	}
+	name := make([]byte, hdr[1])
+	if _, err := io.ReadFull(s, name); err != nil {
+		s.CancelRead(errNoService)
+		s.CancelWrite(errNoService)
+		return
+	}
+	s.SetReadDeadline(time.Time{})
+	m.mu.Lock()
+	svc := m.services[string(name)]
+	m.mu.Unlock()
+	if svc == nil {
+		m.log.Debug("mesh: stream for unknown service", "peer", mc.peer, "service", string(name))
+		s.CancelRead(errNoService)
+		s.CancelWrite(errNoService)
+		return
+	}
+	svc.h(m.streamConn(mc, s))
+}
+
+func (m *Mesh) serveUni(mc *meshConn) {
+	defer m.wg.Done()
+	// Introduce ourselves first.
+	if err := m.sendHello(mc); err != nil {
+		m.log.Debug("mesh: sending hello", "peer", mc.peer, "err", err)
+	}
+	for {
+		s, err := mc.qc.AcceptUniStream(m.ctx)
+		if err != nil {
+			return
+		}
+		m.goTracked(func() { m.handleUni(mc, s) })
+	}
+}
+
+type hello struct {
+	Addr string `json:"addr"`
+	Via  string `json:"via,omitempty"`
+}
+
+func (m *Mesh) sendHello(mc *meshConn) error {
+	body, err := json.Marshal(hello{Addr: m.advertise.String(), Via: m.cfg.Via})
+	if err != nil {
+		return err
+	}
+	s, err := mc.qc.OpenUniStream()
+	if err != nil {
+		return err
+	}
+	buf := make([]byte, 0, 4+len(body))
+	buf = append(buf, meshVersion, uniHello)
+	buf = binary.BigEndian.AppendUint16(buf, uint16(len(body)))
+	buf = append(buf, body...)
+	s.SetWriteDeadline(time.Now().Add(headerWait))
+	if _, err := s.Write(buf); err != nil {
+		s.CancelWrite(0)
+		return err
+	}
+	return s.Close()
+}
+
+func (m *Mesh) handleUni(mc *meshConn, s *quic.ReceiveStream) {
+	defer s.CancelRead(0)
+	s.SetReadDeadline(time.Now().Add(headerWait))
+	var hdr [2]byte
+	if _, err := io.ReadFull(s, hdr[:]); err != nil || hdr[0] != meshVersion {
+		return
+	}
+	switch hdr[1] {
+	case uniHello:
+		var n [2]byte
+		if _, err := io.ReadFull(s, n[:]); err != nil {
+			return
+		}
+		l := int(binary.BigEndian.Uint16(n[:]))
+		if l > maxHello {
+			return
+		}
+		body := make([]byte, l)
+		if _, err := io.ReadFull(s, body); err != nil {
+			return
+		}
+		var h hello
+		if err := json.Unmarshal(body, &h); err != nil {
+			return
+		}
+		m.gotHello(mc, h)
+	case uniPacket:
+		b, err := io.ReadAll(io.LimitReader(s, maxPacket+1))
+		if err != nil || len(b) > maxPacket {
+			return
+		}
+		m.deliver(mc, b)
+	}
+}
+
+func (m *Mesh) gotHello(mc *meshConn, h hello) {
+	addr, err := net.ResolveUDPAddr("udp", h.Addr)
+	mc.mu.Lock()
+	if err == nil {
+		mc.advertise = addr
+	}
+	if h.Via != "" {
+		mc.kind, mc.via = PathRelayed, h.Via
+	}
+	mc.mu.Unlock()
+	if err == nil {
+		m.mu.Lock()
+		m.addrs[addr.String()] = mc.peer
+		m.mu.Unlock()
+	}
+}
+
+func (m *Mesh) serveDatagrams(mc *meshConn) {
+	defer m.wg.Done()
+	for {
+		b, err := mc.qc.ReceiveDatagram(m.ctx)
+		if err != nil {
+			return
+		}
+		if len(b) < 2 || b[0] != meshVersion || b[1] != uniPacket {
+			continue
+		}
+		m.deliver(mc, b[2:])
+	}
+}
+
+// deliver hands a packet from mc's peer to the packet sink.
+func (m *Mesh) deliver(mc *meshConn, b []byte) {
+	m.mu.Lock()
+	sink := m.packets
+	m.mu.Unlock()
+	if sink != nil {
+		sink(mc.from(), b)
+	}
+}
+
+// from is the address the peer is known by: its advertised address once
+// its hello arrived, else its address on our socket.
+func (mc *meshConn) from() net.Addr {
+	mc.mu.Lock()
+	defer mc.mu.Unlock()
+	if mc.advertise != nil {
+		return mc.advertise
+	}
+	return mc.qc.RemoteAddr()
+}
+
+// SendPacket sends one unreliable packet to peer: a QUIC datagram, or a
+// unidirectional stream if it is too large for one.
+func (m *Mesh) SendPacket(peer string, b []byte) error {
+	if len(b) > maxPacket {
+		return fmt.Errorf("%w: packet of %d bytes", ErrInvalid, len(b))
+	}
+	mc := m.best(peer)
+	if mc == nil {
+		return fmt.Errorf("%w: %s", ErrNoPeer, peer)
+	}
+	msg := make([]byte, 0, 2+len(b))
+	msg = append(msg, meshVersion, uniPacket)
+	msg = append(msg, b...)
+	err := mc.qc.SendDatagram(msg)
+	var tooLarge *quic.DatagramTooLargeError
+	if !errors.As(err, &tooLarge) {
+		return err
+	}
+	s, err := mc.qc.OpenUniStream()
+	if err != nil {
+		return err
+	}
+	s.SetWriteDeadline(time.Now().Add(headerWait))
+	if _, err := s.Write(msg); err != nil {
+		s.CancelWrite(0)
+		return err
+	}
+	return s.Close()
+}
+
+// Dial opens a stream to service on peer. The connection to peer must
+// exist (see Connect). The returned conn's Close ends both directions.
+func (m *Mesh) Dial(ctx context.Context, peer, service string) (net.Conn, error) {
+	if service == "" || len(service) > 255 {
+		return nil, fmt.Errorf("%w: service name %q", ErrInvalid, service)
+	}
+	mc := m.best(peer)
+	if mc == nil {
+		return nil, fmt.Errorf("%w: %s", ErrNoPeer, peer)
+	}
+	s, err := mc.qc.OpenStreamSync(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("relay: opening stream to %s: %w", peer, err)
+	}
+	hdr := append([]byte{meshVersion, byte(len(service))}, service...)
+	if dl, ok := ctx.Deadline(); ok {
+		s.SetWriteDeadline(dl)
+	}
+	if _, err := s.Write(hdr); err != nil {
+		s.CancelRead(0)
+		s.CancelWrite(0)
+		return nil, fmt.Errorf("relay: opening stream to %s: %w", peer, err)
+	}
+	s.SetWriteDeadline(time.Time{})
+	return m.streamConn(mc, s), nil
+}
+
+// Handle registers h for streams of service (replacing any previous
+// handler; nil removes it). h runs in its own goroutine per stream and owns
+// the conn; it must return once the conn fails, which happens at the latest
+// when the mesh closes (Close waits for it).
+func (m *Mesh) Handle(service string, h func(net.Conn)) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if h == nil {
+		delete(m.services, service)
+		return
+	}
+	m.services[service] = &meshService{h: h}
+}
+
+// meshService is a registered stream handler.
+type meshService struct{ h func(net.Conn) }
+
+// Listen returns a listener for streams of service; closing it unregisters
+// the service.
+func (m *Mesh) Listen(service string) (net.Listener, error) {
+	if service == "" || len(service) > 255 {
+		return nil, fmt.Errorf("%w: service name %q", ErrInvalid, service)
+	}
+	l := &serviceListener{m: m, service: service, ch: make(chan net.Conn), done: make(chan struct{})}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return nil, ErrClosed
+	}
+	if _, ok := m.services[service]; ok {
+		return nil, fmt.Errorf("%w: service %q already has a handler", ErrInvalid, service)
+	}
+	l.entry = &meshService{h: l.handle}
+	m.services[service] = l.entry
+	return l, nil
+}
+
+// Paths reports every live connection, by peer name then age.
+func (m *Mesh) Paths() []PathInfo {
+	m.mu.Lock()
+	var all []*meshConn
+	for _, list := range m.conns {
+		all = append(all, list...)
+	}
+	m.mu.Unlock()
+	out := make([]PathInfo, 0, len(all))
+	for _, mc := range all {
+		if mc.qc.Context().Err() != nil {
+			continue
+		}
+		st := mc.qc.ConnectionStats()
+		mc.mu.Lock()
+		out = append(out, PathInfo{
+			Peer: mc.peer, Kind: mc.kind, Via: mc.via, Remote: mc.qc.RemoteAddr().String(),
+			Dialed: mc.dialed, RTT: st.SmoothedRTT, BytesSent: st.BytesSent,
+			BytesReceived: st.BytesReceived, Since: mc.since,
+		})
+		mc.mu.Unlock()
+	}
+	sortPaths(out)
+	return out
+}
+
+// Peers returns the names of the peers with a live connection.
+func (m *Mesh) Peers() []string {
+	seen := map[string]bool{}
+	var out []string
+	for _, p := range m.Paths() {
+		if !seen[p.Peer] {
+			seen[p.Peer] = true
+			out = append(out, p.Peer)
+		}
+	}
+	return out
+}
+
+// Close closes every connection (telling peers), stops accepting, closes
+// Conn (unless Via is set) and waits for the mesh's goroutines, including
+// running stream handlers. It is idempotent.
+func (m *Mesh) Close() error {
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return nil
+	}
+	m.closed = true
+	var all []*meshConn
+	for _, list := range m.conns {
+		all = append(all, list...)
+	}
+	m.mu.Unlock()
+	m.cancel()
+	for _, mc := range all {
+		mc.qc.CloseWithError(errClosing, "mesh closed")
+	}
+	m.ln.Close()
+	err := m.tr.Close()
+	if m.cfg.Via == "" {
+		if cerr := m.cfg.Conn.Close(); err == nil {
+			err = cerr
+		}
+	}
+	m.wg.Wait()
+	return err
+}

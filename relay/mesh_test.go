@@ -1,0 +1,298 @@
+package relay_test
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+	"github.com/homecircle/circle/relay"
+)
+
+func newMesh(t *testing.T, name string, secret []byte) *relay.Mesh {
+	t.Helper()
+	m, err := relay.NewMesh(relay.MeshConfig{Name: name, Secret: secret, Conn: listenUDP(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	return m
+}
+
+func ctxT(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// serveEcho echoes every stream of service on m until the listener closes.
+func serveEcho(t *testing.T, m *relay.Mesh, service string) {
+	t.Helper()
+	l, err := m.Listen(service)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				io.Copy(c, c)
+			}()
+		}
+	}()
+	t.Cleanup(func() { l.Close(); m.Close(); wg.Wait() })
+}
+
+func echoOnce(t *testing.T, m *relay.Mesh, peer, service string, msg []byte) {
+	t.Helper()
+	ctx := ctxT(t, 5*time.Second)
+	c, err := m.Dial(ctx, peer, service)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Write(msg); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, got); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, msg) {
+		t.Fatal("echo differs")
+	}
+}
+
+func TestMeshStreamsAndPaths(t *testing.T) {
+	a := newMesh(t, "alice", testSecret)
+	b := newMesh(t, "bob", testSecret)
+	serveEcho(t, b, "echo")
+	if err := a.Connect(ctxT(t, 5*time.Second), "bob", b.Addr()); err != nil {
+		t.Fatal(err)
+	}
+	big := bytes.Repeat([]byte("circle "), 100000)
+	echoOnce(t, a, "bob", "echo", big)
+
+	pa := a.Paths()
+	if len(pa) != 1 || pa[0].Peer != "bob" || pa[0].Kind != relay.PathDirect || !pa[0].Dialed ||
+		pa[0].BytesSent < uint64(len(big)) || pa[0].RTT <= 0 || pa[0].Since.IsZero() {
+		t.Fatalf("alice's paths: %+v", pa)
+	}
+	eventually(t, 5*time.Second, "bob to see alice", func() bool {
+		pb := b.Paths()
+		return len(pb) == 1 && pb[0].Peer == "alice" && !pb[0].Dialed && pb[0].BytesReceived >= uint64(len(big))
+	})
+	// Connect again is a no-op.
+	if err := a.Connect(ctxT(t, 5*time.Second), "bob", b.Addr()); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(a.Paths()); n != 1 {
+		t.Fatalf("%d paths after a second Connect", n)
+	}
+
+	// Unknown service: the stream is refused.
+	c, err := a.Dial(ctxT(t, 5*time.Second), "bob", "nothing")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); err == nil || errors.Is(err, io.EOF) {
+		t.Fatalf("read on unknown service: %v", err)
+	}
+	c.Close()
+
+	if _, err := a.Dial(ctxT(t, time.Second), "carol", "echo"); !errors.Is(err, relay.ErrNoPeer) {
+		t.Fatalf("dial unknown peer: %v", err)
+	}
+}
+
+func TestMeshWrongSecret(t *testing.T) {
+	a := newMesh(t, "alice", testSecret)
+	evil := newMesh(t, "mallory", []byte("not the circle secret, 32 bytes."))
+	if err := evil.Connect(ctxT(t, 5*time.Second), "", a.Addr()); !errors.Is(err, relay.ErrAuth) {
+		t.Fatalf("connect without the secret: %v, want ErrAuth", err)
+	}
+	if err := a.Connect(ctxT(t, 5*time.Second), "", evil.Addr()); !errors.Is(err, relay.ErrAuth) {
+		t.Fatalf("connect to a node without the secret: %v, want ErrAuth", err)
+	}
+	if p := a.Paths(); len(p) != 0 {
+		t.Fatalf("alice has paths: %+v", p)
+	}
+	if p := evil.Paths(); len(p) != 0 {
+		t.Fatalf("mallory has paths: %+v", p)
+	}
+}
+
+func TestMeshWrongName(t *testing.T) {
+	a := newMesh(t, "alice", testSecret)
+	b := newMesh(t, "bob", testSecret)
+	if err := a.Connect(ctxT(t, 5*time.Second), "carol", b.Addr()); !errors.Is(err, relay.ErrAuth) {
+		t.Fatalf("connect to bob as carol: %v, want ErrAuth", err)
+	}
+	if err := a.Connect(ctxT(t, 5*time.Second), "", b.Addr()); err != nil {
+		t.Fatalf("connect to whoever: %v", err)
+	}
+	if p := a.Peers(); len(p) != 1 || p[0] != "bob" {
+		t.Fatalf("peers %v", p)
+	}
+}
+
+func TestMeshCloseIdempotentAndRefuses(t *testing.T) {
+	a := newMesh(t, "alice", testSecret)
+	b := newMesh(t, "bob", testSecret)
+	if err := a.Connect(ctxT(t, 5*time.Second), "bob", b.Addr()); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	b.Close()
+	eventually(t, 5*time.Second, "alice to notice bob left", func() bool { return len(a.Paths()) == 0 })
+	if _, err := b.Listen("x"); !errors.Is(err, relay.ErrClosed) {
+		t.Fatalf("listen on closed mesh: %v", err)
+	}
+}
+
+// newMember starts plain memberlist over m's transport.
+func newMember(t *testing.T, m *relay.Mesh) *memberlist.Memberlist {
+	t.Helper()
+	tr, err := m.Transport()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := memberlist.DefaultLocalConfig()
+	cfg.Name = m.Name()
+	cfg.Transport = tr
+	cfg.LogOutput = io.Discard
+	ml, err := memberlist.Create(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ml.Shutdown() })
+	return ml
+}
+
+func join(t *testing.T, ml *memberlist.Memberlist, seed *relay.Mesh) {
+	t.Helper()
+	if _, err := ml.Join([]string{seed.Name() + "/" + seed.Addr().String()}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestMemberlistOverMesh(t *testing.T) {
+	meshes := []*relay.Mesh{newMesh(t, "a", testSecret), newMesh(t, "b", testSecret), newMesh(t, "c", testSecret)}
+	var mls []*memberlist.Memberlist
+	for _, m := range meshes {
+		mls = append(mls, newMember(t, m))
+	}
+	join(t, mls[1], meshes[0])
+	// c joins by address only: the transport learns the name on connect.
+	if _, err := mls[2].Join([]string{meshes[1].Addr().String()}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 15*time.Second, "three members everywhere", func() bool {
+		for _, ml := range mls {
+			if ml.NumMembers() != 3 {
+				return false
+			}
+		}
+		return true
+	})
+	// a and c never met directly before; gossip made them connect.
+	eventually(t, 15*time.Second, "a full mesh", func() bool {
+		for _, m := range meshes {
+			if len(m.Peers()) != 2 {
+				return false
+			}
+		}
+		return true
+	})
+}
+
+func TestTransportLargePacket(t *testing.T) {
+	a := newMesh(t, "alice", testSecret)
+	b := newMesh(t, "bob", testSecret)
+	ta, err := a.Transport()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ta.Shutdown()
+	tb, err := b.Transport()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tb.Shutdown()
+	if err := a.Connect(ctxT(t, 5*time.Second), "bob", b.Addr()); err != nil {
+		t.Fatal(err)
+	}
+	for _, size := range []int{10, 1100, 5000, 60000} {
+		msg := bytes.Repeat([]byte{byte(size)}, size)
+		if _, err := ta.WriteToAddress(msg, memberlist.Address{Name: "bob", Addr: b.Addr().String()}); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case p := <-tb.PacketCh():
+			if !bytes.Equal(p.Buf, msg) || p.From.String() != a.Addr().String() {
+				t.Fatalf("packet of %d bytes from %v: got %d bytes", size, p.From, len(p.Buf))
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("packet of %d bytes did not arrive", size)
+		}
+	}
+}
+
+// TestMemberlistThroughTURN: carol's only socket is a TURN allocation on a
+// relay node's server; alice is reachable. They form a memberlist cluster
+// over the relay, and both report the path as relayed via the relay node.
+func TestMemberlistThroughTURN(t *testing.T) {
+	env := startTURN(t, true, nil)
+	env.setPeers(netip.MustParseAddr("127.0.0.1"))
+	alloc, err := allocate(t, env.addr, testSecret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	alice := newMesh(t, "alice", testSecret)
+	carol, err := relay.NewMesh(relay.MeshConfig{
+		Name: "carol", Secret: testSecret, Conn: alloc.PacketConn(), Via: "relay1",
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { carol.Close() })
+	if carol.Addr().String() != alloc.RelayAddr().String() {
+		t.Fatalf("carol advertises %v, relay address is %v", carol.Addr(), alloc.RelayAddr())
+	}
+	mlA := newMember(t, alice)
+	mlC := newMember(t, carol)
+	join(t, mlC, alice)
+	eventually(t, 15*time.Second, "two members on both", func() bool {
+		return mlA.NumMembers() == 2 && mlC.NumMembers() == 2
+	})
+	eventually(t, 5*time.Second, "both ends to report the relayed path", func() bool {
+		pa, pc := alice.Paths(), carol.Paths()
+		return len(pa) == 1 && pa[0].Peer == "carol" && pa[0].Kind == relay.PathRelayed && pa[0].Via == "relay1" &&
+			pa[0].Remote == alloc.RelayAddr().String() &&
+			len(pc) == 1 && pc[0].Peer == "alice" && pc[0].Kind == relay.PathRelayed && pc[0].Via == "relay1"
+	})
+	// A stream across the relay.
+	serveEcho(t, alice, "echo")
+	echoOnce(t, carol, "alice", "echo", bytes.Repeat([]byte("relayed "), 20000))
+	if env.srv.Allocations() != 1 {
+		t.Fatalf("%d allocations", env.srv.Allocations())
+	}
+}
