@@ -619,6 +619,15 @@ func (n *Node) Listen(t testing.TB, network, addr string) net.Listener {
 	return ln
 }
 
+// Public is the address the internet sees for n: a host behind a router has
+// its router's; everything else its own.
+func (n *Node) Public() netip.Addr {
+	if n.kind == kindHost && n.Parent != nil && n.Parent.kind == kindRouter {
+		return n.Parent.Addr
+	}
+	return n.Addr
+}
+
 // addrs are the addresses traffic of n carries as seen by its neighbours.
 func (n *Node) addrs() []netip.Addr {
 	s := []netip.Addr{n.Addr}

@@ -16,7 +16,9 @@ import (
 // binds a queue in the namespace it was created in, asks for packet metadata
 // only, and accepts every packet d after it was queued. Packets keep their
 // order (constant delay, FIFO). If more than maxQueued packets wait, new ones
-// are accepted at once rather than dropped.
+// are accepted at once rather than dropped (fail-open), so Delay never adds
+// loss; each packet costs one netlink message each way, which is plenty for
+// tests but not for line-rate benchmarks.
 type delayQueue struct {
 	fd    int
 	queue uint16
@@ -41,6 +43,9 @@ const (
 	nfqaCfgCmd          = 1
 	nfqaCfgParams       = 2
 	nfqaCfgQueueMaxlen  = 3
+	nfqaCfgMask         = 4
+	nfqaCfgFlags        = 5
+	nfqaCfgFFailOpen    = 1
 	nfqaPacketHdr       = 1
 	nfqaVerdictHdr      = 2
 	nfqnlCfgCmdBind     = 1
@@ -67,7 +72,9 @@ func newDelayQueue(num uint16) (*delayQueue, error) {
 	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK}); err != nil {
 		return fail(err)
 	}
-	unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, defaultSocketBuffer)
+	if unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUFFORCE, defaultSocketBuffer) != nil {
+		unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_RCVBUF, defaultSocketBuffer)
+	}
 	unix.SetsockoptInt(fd, unix.SOL_NETLINK, netlinkNoENOBUFS, 1)
 	tv := unix.NsecToTimeval(recvTimeout.Nanoseconds())
 	if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, unix.SO_RCVTIMEO, &tv); err != nil {
@@ -83,6 +90,11 @@ func newDelayQueue(num uint16) (*delayQueue, error) {
 	maxlen := binary.BigEndian.AppendUint32(nil, maxQueued)
 	if err := q.request(nfqnlMsgConfig, append(attr(nfqaCfgParams, params), attr(nfqaCfgQueueMaxlen, maxlen)...)); err != nil {
 		return fail(fmt.Errorf("queue params: %w", err))
+	}
+	// A full queue lets packets through instead of dropping them.
+	flag := binary.BigEndian.AppendUint32(nil, nfqaCfgFFailOpen)
+	if err := q.request(nfqnlMsgConfig, append(attr(nfqaCfgFlags, flag), attr(nfqaCfgMask, flag)...)); err != nil {
+		return fail(fmt.Errorf("queue flags: %w", err))
 	}
 	return q, nil
 }
