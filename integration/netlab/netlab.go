@@ -146,17 +146,25 @@ type Node struct {
 // working "ip netns", iptables and conntrack; with CI=true it fails instead.
 func New(t testing.TB) *Lab {
 	t.Helper()
-	if err := check(); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("netlab: %v (CI=true: network namespaces are required)", err)
-		}
-		t.Skipf("netlab: %v", err)
-	}
+	gate(t, check())
 	sweepOnce.Do(func() { sweep(t) })
 	l := &Lab{t: t, parts: map[[2]*Node]bool{}}
 	l.prefix = claimPrefix(t)
 	t.Cleanup(l.close)
 	return l
+}
+
+// gate skips (or, with CI=true, fails) the test if err is not nil.
+func gate(t testing.TB, err error) {
+	t.Helper()
+	if err == nil {
+		return
+	}
+	if os.Getenv("CI") == "true" {
+		t.Fatalf("netlab: %v (CI=true: network namespaces are required)", err)
+		return
+	}
+	t.Skipf("netlab: %v", err)
 }
 
 func check() error {

@@ -3,6 +3,7 @@ package netlab
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"net/netip"
@@ -613,5 +614,31 @@ func TestCleanup(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(ownerDir, stale)); err == nil {
 		t.Errorf("stale owner file left")
+	}
+}
+
+type fakeTB struct {
+	testing.TB
+	skipped, failed bool
+}
+
+func (f *fakeTB) Helper()               {}
+func (f *fakeTB) Skipf(string, ...any)  { f.skipped = true }
+func (f *fakeTB) Fatalf(string, ...any) { f.failed = true }
+
+// TestGate: without namespaces a test is skipped, but in CI it fails.
+func TestGate(t *testing.T) {
+	for _, ci := range []string{"", "true"} {
+		t.Setenv("CI", ci)
+		f := &fakeTB{}
+		gate(f, errors.New("not root"))
+		if f.skipped != (ci == "") || f.failed != (ci == "true") {
+			t.Errorf("CI=%q: skipped %v, failed %v", ci, f.skipped, f.failed)
+		}
+		f = &fakeTB{}
+		gate(f, nil)
+		if f.skipped || f.failed {
+			t.Errorf("CI=%q: gate stopped a test without an error", ci)
+		}
 	}
 }
