@@ -30,14 +30,15 @@
 // keeps an early punching packet from creating a conntrack entry on the peer's
 // router that would force the peer onto another port.
 //
-// Impairments, all on a node's uplink ("eth0"), modelled after netem on that
-// interface's egress:
+// Impairments, all on a node's uplink ("eth0"); each adds to one direction,
+// so a round trip through the node sees it once:
 //   - Loss(n, p): iptables statistic match, each packet n sends upstream is
 //     dropped with probability p.
-//   - Delay(n, d): netem is missing from the kernel, so packets n sends upstream
-//     are queued (iptables NFQUEUE in the raw table, before conntrack and NAT) to
-//     a small netlink client inside the test process that accepts each packet d
-//     after it arrived. Round trips through n grow by d.
+//   - Delay(n, d): netem is missing from the kernel, so packets arriving at n
+//     from upstream are queued (iptables NFQUEUE in the raw table, before
+//     conntrack and NAT) to a small netlink client inside the test process
+//     that accepts each packet d after it arrived. Round trips through n grow
+//     by d. (Arrival rather than departure: see Delay.)
 //   - Partition(x, y) / Heal(x, y): raw-table DROP rules in both namespaces for
 //     the other side's addresses.
 //
@@ -728,8 +729,8 @@ func (l *Lab) Loss(n *Node, p float64) {
 	}
 }
 
-// Delay adds d of latency to every packet n sends on its uplink (for a
-// router: everything its home sends to the internet, and its own packets), so
+// Delay adds d of latency to every packet n receives on its uplink (for a
+// router: everything the internet sends to its home, and to itself), so
 // round trips through n grow by d. d == 0 removes the delay. See delayQueue.
 func (l *Lab) Delay(n *Node, d time.Duration) {
 	l.t.Helper()
@@ -756,12 +757,13 @@ func (l *Lab) Delay(n *Node, d time.Duration) {
 		n.mu.Unlock()
 		q.setDelay(d)
 		q.start()
-		// Queue in the raw table, before conntrack and NAT see the packet.
-		// --queue-bypass: if the queue went away, packets pass undelayed.
-		n.ipt("-t", "raw", "-A", "OUTPUT", "-o", "eth0", "-j", "NFQUEUE", "--queue-num", "0", "--queue-bypass")
-		if n.kind == kindRouter {
-			n.ipt("-t", "raw", "-A", "PREROUTING", "-i", "lan0", "-j", "NFQUEUE", "--queue-num", "0", "--queue-bypass")
-		}
+		// Queue what arrives on the uplink, in the raw table (before conntrack
+		// and NAT see the packet). Delaying on arrival rather than on departure
+		// matters for TCP: a packet held in its sender's own stack counts
+		// against TCP small queues and throttles the sender to a few packets
+		// per delay; once it crossed the veth into this namespace it is
+		// orphaned. --queue-bypass: if the queue went away, packets pass.
+		n.ipt("-t", "raw", "-A", "PREROUTING", "-i", "eth0", "-j", "NFQUEUE", "--queue-num", "0", "--queue-bypass")
 		return
 	}
 	q.setDelay(d)
