@@ -114,7 +114,6 @@ type Lab struct {
 	nodes  []*Node
 	parts  map[[2]*Node]bool
 	queues []*delayQueue
-	closed bool
 }
 
 // Node is a namespace in the lab: the internet hub, a home router or a host.
@@ -136,7 +135,6 @@ type Node struct {
 	Parent  *Node
 
 	mu       sync.Mutex
-	links    int
 	shift    int
 	loss     float64
 	delay    *delayQueue
@@ -328,7 +326,6 @@ func deleteNS(ns string) {
 
 func (l *Lab) close() {
 	l.mu.Lock()
-	l.closed = true
 	nodes := l.nodes
 	queues := l.queues
 	l.mu.Unlock()
