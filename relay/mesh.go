@@ -48,6 +48,7 @@ const (
 	headerWait   = 5 * time.Second // bound on reading a stream's header
 	errNoService = 1               // stream error code: no such service
 	errClosing   = 0               // connection error code: mesh closing
+	errDuplicate = 2               // connection error code: duplicate connection retired
 )
 
 // Defaults used by DefaultMeshConfig and by NewMesh for zero fields.
@@ -359,14 +360,60 @@ func (m *Mesh) register(qc *quic.Conn, name string, dialed bool) *meshConn {
 		qc.CloseWithError(errClosing, "mesh closed")
 		return nil
 	}
+	var dups []*meshConn
+	if m.cfg.Name < name {
+		// We decide about duplicates: see retireDuplicates.
+		for _, old := range m.conns[name] {
+			if old.qc.Context().Err() == nil && old.sameKind(mc) {
+				dups = append(dups, old)
+			}
+		}
+	}
 	m.conns[name] = append(m.conns[name], mc)
-	m.wg.Add(3)
+	m.wg.Add(3 + len(dups))
 	m.mu.Unlock()
 	m.log.Debug("mesh: connected", "peer", name, "remote", qc.RemoteAddr().String(), "dialed", dialed)
 	go m.serveStreams(mc)
 	go m.serveUni(mc)
 	go m.serveDatagrams(mc)
+	for _, old := range dups {
+		go m.retire(old)
+	}
 	return mc
+}
+
+// Duplicate connections (two nodes dialing each other at once, or a peer
+// reconnecting while its old connection still looks alive to us): of two
+// live connections of the same path kind between two nodes, the node with
+// the smaller name closes the older one after duplicateGrace, so streams
+// in flight on it can finish; new streams already go to the newer one
+// (best picks the newest). Only one side decides, so both never close
+// both.
+const duplicateGrace = 2 * time.Second
+
+// retire closes old after duplicateGrace. Called with m.wg held for it.
+func (m *Mesh) retire(old *meshConn) {
+	defer m.wg.Done()
+	t := time.NewTimer(duplicateGrace)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		m.log.Debug("mesh: closing duplicate connection", "peer", old.peer)
+		old.qc.CloseWithError(errDuplicate, "duplicate connection")
+	case <-old.qc.Context().Done():
+	case <-m.ctx.Done():
+	}
+}
+
+// sameKind reports whether mc and other run over the same kind of path
+// (as far as known when other registers: hellos may still change it).
+func (mc *meshConn) sameKind(other *meshConn) bool {
+	mc.mu.Lock()
+	k, v := mc.kind, mc.via
+	mc.mu.Unlock()
+	other.mu.Lock()
+	defer other.mu.Unlock()
+	return k == other.kind && v == other.via
 }
 
 // unregister drops a connection that ended.

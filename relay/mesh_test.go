@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"net"
 	"net/netip"
 	"sync"
 	"testing"
@@ -295,4 +296,62 @@ func TestMemberlistThroughTURN(t *testing.T) {
 	if env.srv.Allocations() != 1 {
 		t.Fatalf("%d allocations", env.srv.Allocations())
 	}
+}
+
+// TestMeshSimultaneousConnect: both ends dial at once; one connection
+// remains.
+func TestMeshSimultaneousConnect(t *testing.T) {
+	a := newMesh(t, "alice", testSecret)
+	b := newMesh(t, "bob", testSecret)
+	serveEcho(t, b, "echo")
+	errs := make(chan error, 2)
+	go func() { errs <- a.Connect(ctxT(t, 5*time.Second), "bob", b.Addr()) }()
+	go func() { errs <- b.Connect(ctxT(t, 5*time.Second), "alice", a.Addr()) }()
+	for range 2 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, 10*time.Second, "one connection on each side", func() bool {
+		return len(a.Paths()) == 1 && len(b.Paths()) == 1
+	})
+	echoOnce(t, a, "bob", "echo", []byte("still works"))
+}
+
+// TestMeshReconnectReplacesOld: a peer that vanishes without a word (its
+// socket gone) and comes back on the same address is reachable at once
+// over the new connection; the stale one is retired.
+func TestMeshReconnectReplacesOld(t *testing.T) {
+	a := newMesh(t, "alice", testSecret)
+	conn := listenUDP(t)
+	addr := conn.LocalAddr()
+	b1, err := relay.NewMesh(relay.MeshConfig{Name: "bob", Secret: testSecret, Conn: conn})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Connect(ctxT(t, 5*time.Second), "bob", addr); err != nil {
+		t.Fatal(err)
+	}
+	conn.Close() // no CONNECTION_CLOSE reaches alice
+	b1.Close()
+	if n := len(a.Paths()); n != 1 {
+		t.Fatalf("alice has %d paths", n)
+	}
+	conn2, err := net.ListenUDP("udp4", addr.(*net.UDPAddr))
+	if err != nil {
+		t.Skipf("port taken meanwhile: %v", err)
+	}
+	b2, err := relay.NewMesh(relay.MeshConfig{Name: "bob", Secret: testSecret, Conn: conn2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b2.Close() })
+	serveEcho(t, b2, "echo")
+	if err := b2.Connect(ctxT(t, 5*time.Second), "alice", a.Addr()); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "alice to accept bob's new connection", func() bool { return len(a.Paths()) == 2 })
+	echoOnce(t, a, "bob", "echo", []byte("back"))
+	eventually(t, 10*time.Second, "the stale connection to be retired", func() bool { return len(a.Paths()) == 1 })
+	echoOnce(t, a, "bob", "echo", []byte("still"))
 }
