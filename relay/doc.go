@@ -17,30 +17,34 @@
 //   - Allocate: a TURN allocation with derived credentials, as a
 //     net.PacketConn; pion refreshes it. Its doc lists the pion v2
 //     pitfalls (client.go).
-//   - Mesh: one socket (plain UDP, or a TURN relay conn with
-//     MeshConfig.Via), mutually authenticated QUIC connections to peers
-//     (certificates signed by a key derived from the secret, node name in
-//     the certificate; certs.go), named service streams (Dial, Listen,
-//     Handle), packets (SendPacket) and per-path status (Paths) (mesh.go).
-//     The wire format is documented at the top of mesh.go.
+//   - Mesh: a primary socket (plain UDP, or a TURN relay conn with
+//     MeshConfig.Via) plus any number of TURN relay conns (AddRelay),
+//     mutually authenticated QUIC connections to peers (certificates signed
+//     by a key derived from the secret, node name in the certificate;
+//     certs.go): Connect (direct), ConnectVia (through a relay), Punch
+//     (simultaneous dial to a reflexive address). Named service streams
+//     (Dial, Listen, Handle), packets (SendPacket) and per-path status
+//     (Paths). Traffic takes the best live path (direct, then punched,
+//     then relayed), so a punched path takes over from a relay and the
+//     relay, kept alive, takes over again when the punched path dies.
+//     Duplicate connections are retired. The wire format is documented at
+//     the top of mesh.go.
 //   - Transport: a memberlist.NodeAwareTransport over a Mesh that routes
 //     by node name (transport.go); replicator.Config.Transport accepts it,
 //     and the replicator's own streams ride along.
 //
 // # Not yet done (issue 4)
 //
-// TODO(issue 4): hole punching (pion/ice/v2 or reflexive addresses
-// exchanged over gossip), PathPunched connections, and upgrading a
-// relayed path to a punched one when it proves itself, falling back when
-// it dies.
-// TODO(issue 4): a Mesh on several sockets at once (the direct socket plus
-// one relay conn per reachable node), choosing per peer; today a Mesh has
-// one socket, so a node is either direct or relayed for all its peers.
+// TODO(issue 4): the policy that drives the mechanisms: exchange
+// reflexive addresses over gossip and call Punch from both ends (or use
+// pion/ice/v2), keep a relay path to NATed peers, connect to new members
+// over the right path. Today the Transport's automatic connections go over
+// the primary socket to the memberlist address only.
+// TODO(issue 4): STUN on the mesh socket itself (quic.Transport's
+// ReadNonQUICPacket/WriteTo), so the reflexive address of the QUIC socket
+// is known while the mesh runs; Reflexive needs the socket to itself.
 // TODO(issue 4): re-allocate before credentials expire (DefaultCredentialTTL)
 // and when an allocation fails; fail over to a second relay.
-// TODO(issue 4): duplicate connections from simultaneous dials are both
-// kept (the best one is used); close the extra one.
-// TODO(issue 4): STUN on the mesh socket itself (quic.Transport's
-// ReadNonQUICPacket/WriteTo) so the reflexive address of the QUIC socket is
-// known while the mesh runs.
+// TODO(issue 4): proxied HTTP to circle services (a mesh service per
+// circle service, `reverse_proxy` transport in caddymodule).
 package relay

@@ -139,8 +139,7 @@ type Mesh struct {
 	cert      tls.Certificate
 	advertise *net.UDPAddr
 	quicConf  *quic.Config
-	tr        *quic.Transport
-	ln        *quic.Listener
+	primary   *socket
 	log       *slog.Logger
 	ctx       context.Context // cancelled by Close
 	cancel    context.CancelFunc
@@ -153,16 +152,31 @@ type Mesh struct {
 	services map[string]*meshService       // by service name
 	packets  func(from net.Addr, b []byte) // packet sink (the Transport), or nil
 	dialing  map[string]time.Time          // peer -> start of the last automatic connect
+	relays   map[string]*socket            // relay sockets by the relaying node's name
+	seq      uint64                        // last connection sequence number
+}
+
+// socket is one of the mesh's sockets with its QUIC transport.
+type socket struct {
+	conn net.PacketConn
+	tr   *quic.Transport
+	ln   *quic.Listener
+	via  string // the relaying node for a TURN relay conn, else ""
+	own  bool   // whether the mesh closes conn
 }
 
 // meshConn is one QUIC connection to a peer.
 type meshConn struct {
 	qc     *quic.Conn
+	sock   *socket
 	peer   string
 	dialed bool
 	since  time.Time
 
+	seq uint64 // registration order (set under Mesh.mu, then read-only)
+
 	mu        sync.Mutex // guards the following
+	hello     bool       // the peer's hello arrived
 	kind      PathKind
 	via       string
 	advertise *net.UDPAddr // the peer's advertised address, from its hello
@@ -220,23 +234,102 @@ func NewMesh(cfg MeshConfig) (*Mesh, error) {
 			MaxIncomingStreams:    1024,
 			MaxIncomingUniStreams: 1024,
 		},
-		tr:       &quic.Transport{Conn: cfg.Conn},
 		conns:    map[string][]*meshConn{},
 		addrs:    map[string]string{},
 		services: map[string]*meshService{},
 		dialing:  map[string]time.Time{},
+		relays:   map[string]*socket{},
 	}
 	m.ctx, m.cancel = context.WithCancel(context.Background())
-	ln, err := m.tr.Listen(m.tlsConfig(""), m.quicConf)
+	sock, err := m.listen(cfg.Conn, cfg.Via, cfg.Via == "")
 	if err != nil {
 		m.cancel()
-		m.tr.Close()
+		return nil, err
+	}
+	m.primary = sock
+	return m, nil
+}
+
+// listen starts a QUIC transport and accept loop on conn.
+func (m *Mesh) listen(conn net.PacketConn, via string, own bool) (*socket, error) {
+	sock := &socket{conn: conn, tr: &quic.Transport{Conn: conn}, via: via, own: own}
+	ln, err := sock.tr.Listen(m.tlsConfig(""), m.quicConf)
+	if err != nil {
+		sock.tr.Close()
 		return nil, fmt.Errorf("relay: mesh listen: %w", err)
 	}
-	m.ln = ln
-	m.wg.Add(1)
-	go m.acceptLoop()
-	return m, nil
+	sock.ln = ln
+	if !m.goTracked(func() { m.acceptLoop(sock) }) {
+		sock.close()
+		return nil, ErrClosed
+	}
+	return sock, nil
+}
+
+// close stops the socket's transport (abruptly ending its connections;
+// callers close them first) and closes conn if the mesh owns it.
+func (s *socket) close() error {
+	s.ln.Close()
+	err := s.tr.Close()
+	if s.own {
+		if cerr := s.conn.Close(); err == nil {
+			err = cerr
+		}
+	}
+	return err
+}
+
+// AddRelay adds a TURN relay connection (Allocation.PacketConn) on node
+// via as a second way to reach peers (ConnectVia); connections over it are
+// reported as relayed via that node. The Allocation keeps owning conn;
+// RemoveRelay or Close stop using it.
+func (m *Mesh) AddRelay(via string, conn net.PacketConn) error {
+	if via == "" || conn == nil {
+		return fmt.Errorf("%w: add relay: node name and conn are required", ErrInvalid)
+	}
+	m.mu.Lock()
+	_, dup := m.relays[via]
+	m.mu.Unlock()
+	if dup || via == m.primary.via {
+		return fmt.Errorf("%w: add relay: already have a relay via %q", ErrInvalid, via)
+	}
+	sock, err := m.listen(conn, via, false)
+	if err != nil {
+		return err
+	}
+	m.mu.Lock()
+	if m.closed || m.relays[via] != nil {
+		m.mu.Unlock()
+		sock.close()
+		return fmt.Errorf("%w: add relay via %q", ErrClosed, via)
+	}
+	m.relays[via] = sock
+	m.mu.Unlock()
+	return nil
+}
+
+// RemoveRelay closes the connections over the relay via and stops using
+// its conn (which it does not close).
+func (m *Mesh) RemoveRelay(via string) error {
+	m.mu.Lock()
+	sock := m.relays[via]
+	delete(m.relays, via)
+	var conns []*meshConn
+	for _, list := range m.conns {
+		for _, mc := range list {
+			if sock != nil && mc.sock == sock {
+				conns = append(conns, mc)
+			}
+		}
+	}
+	m.mu.Unlock()
+	if sock == nil {
+		return fmt.Errorf("%w: no relay via %q", ErrInvalid, via)
+	}
+	for _, mc := range conns {
+		mc.qc.CloseWithError(errClosing, "relay removed")
+	}
+	return sock.close()
 }
 
 // tlsConfig returns the TLS configuration for dialing want (server side
@@ -278,10 +371,9 @@ func (m *Mesh) goTracked(f func()) bool {
 	return true
 }
 
-func (m *Mesh) acceptLoop() {
-	defer m.wg.Done()
+func (m *Mesh) acceptLoop(sock *socket) {
 	for {
-		qc, err := m.ln.Accept(m.ctx)
+		qc, err := sock.ln.Accept(m.ctx)
 		if err != nil {
 			return
 		}
@@ -290,7 +382,7 @@ func (m *Mesh) acceptLoop() {
 			qc.CloseWithError(errClosing, "no peer name")
 			continue
 		}
-		m.register(qc, name, false)
+		m.register(qc, name, false, sock, "")
 	}
 }
 
@@ -300,11 +392,40 @@ func (m *Mesh) acceptLoop() {
 // ErrAuth if the node at addr cannot prove it holds the circle secret or is
 // not peer.
 func (m *Mesh) Connect(ctx context.Context, peer string, addr net.Addr) error {
-	_, err := m.connect(ctx, peer, addr)
+	_, err := m.connect(ctx, peer, addr, m.primary, "")
 	return err
 }
 
-func (m *Mesh) connect(ctx context.Context, peer string, addr net.Addr) (*meshConn, error) {
+// ConnectVia is Connect through the relay added with AddRelay(via, ...):
+// addr is the peer's address as the relay reaches it (its public address).
+// An existing connection to peer over that relay is reused.
+func (m *Mesh) ConnectVia(ctx context.Context, peer, via string, addr net.Addr) error {
+	m.mu.Lock()
+	sock := m.relays[via]
+	m.mu.Unlock()
+	if sock == nil {
+		return fmt.Errorf("%w: no relay via %q", ErrInvalid, via)
+	}
+	_, err := m.connect(ctx, peer, addr, sock, "")
+	return err
+}
+
+// Punch opens a hole-punched path to peer at addr, its reflexive address
+// (learnt out of band, e.g. over gossip): both nodes must call Punch at
+// each other at about the same time, so that each one's outgoing QUIC
+// Initial packets (retransmitted by QUIC) open its own NAT's mapping for
+// the other. The connection runs over the mesh's primary socket and is
+// reported as punched on both ends; it is preferred over relayed paths.
+// If both attempts succeed the duplicate is retired.
+func (m *Mesh) Punch(ctx context.Context, peer string, addr net.Addr) error {
+	if peer == "" {
+		return fmt.Errorf("%w: punch: peer name is required", ErrInvalid)
+	}
+	_, err := m.connect(ctx, peer, addr, m.primary, PathPunched)
+	return err
+}
+
+func (m *Mesh) connect(ctx context.Context, peer string, addr net.Addr, sock *socket, kind PathKind) (*meshConn, error) {
 	if peer == m.cfg.Name {
 		return nil, fmt.Errorf("%w: connect: %q is this node", ErrInvalid, peer)
 	}
@@ -312,7 +433,7 @@ func (m *Mesh) connect(ctx context.Context, peer string, addr net.Addr) (*meshCo
 		peer = m.nameFor(addr.String())
 	}
 	if peer != "" {
-		if mc := m.best(peer); mc != nil {
+		if mc := m.existing(peer, sock, kind); mc != nil {
 			return mc, nil
 		}
 	}
@@ -324,7 +445,7 @@ func (m *Mesh) connect(ctx context.Context, peer string, addr net.Addr) (*meshCo
 	}
 	ctx, cancel := context.WithTimeout(ctx, m.cfg.HandshakeTimeout)
 	defer cancel()
-	qc, err := m.tr.Dial(ctx, addr, m.tlsConfig(peer), m.quicConf)
+	qc, err := sock.tr.Dial(ctx, addr, m.tlsConfig(peer), m.quicConf)
 	if err != nil {
 		var te *quic.TransportError
 		if errors.As(err, &te) && te.ErrorCode.IsCryptoError() {
@@ -337,7 +458,7 @@ func (m *Mesh) connect(ctx context.Context, peer string, addr net.Addr) (*meshCo
 		qc.CloseWithError(errClosing, "no peer name")
 		return nil, fmt.Errorf("%w: %w", ErrAuth, err)
 	}
-	mc := m.register(qc, name, true)
+	mc := m.register(qc, name, true, sock, kind)
 	if mc == nil {
 		return nil, ErrClosed
 	}
@@ -349,10 +470,13 @@ func (m *Mesh) connect(ctx context.Context, peer string, addr net.Addr) (*meshCo
 
 // register adds an established connection and starts serving it. It
 // returns nil (and closes qc) if the mesh is closed.
-func (m *Mesh) register(qc *quic.Conn, name string, dialed bool) *meshConn {
-	mc := &meshConn{qc: qc, peer: name, dialed: dialed, since: time.Now(), kind: PathDirect}
-	if m.cfg.Via != "" {
-		mc.kind, mc.via = PathRelayed, m.cfg.Via
+func (m *Mesh) register(qc *quic.Conn, name string, dialed bool, sock *socket, kind PathKind) *meshConn {
+	mc := &meshConn{qc: qc, sock: sock, peer: name, dialed: dialed, since: time.Now(), kind: PathDirect}
+	switch {
+	case sock.via != "":
+		mc.kind, mc.via = PathRelayed, sock.via
+	case kind != "":
+		mc.kind = kind
 	}
 	m.mu.Lock()
 	if m.closed {
@@ -360,44 +484,74 @@ func (m *Mesh) register(qc *quic.Conn, name string, dialed bool) *meshConn {
 		qc.CloseWithError(errClosing, "mesh closed")
 		return nil
 	}
-	var dups []*meshConn
-	if m.cfg.Name < name {
-		// We decide about duplicates: see retireDuplicates.
-		for _, old := range m.conns[name] {
-			if old.qc.Context().Err() == nil && old.sameKind(mc) {
-				dups = append(dups, old)
-			}
-		}
-	}
+	m.seq++
+	mc.seq = m.seq
 	m.conns[name] = append(m.conns[name], mc)
-	m.wg.Add(3 + len(dups))
+	m.wg.Add(3)
 	m.mu.Unlock()
 	m.log.Debug("mesh: connected", "peer", name, "remote", qc.RemoteAddr().String(), "dialed", dialed)
 	go m.serveStreams(mc)
 	go m.serveUni(mc)
 	go m.serveDatagrams(mc)
-	for _, old := range dups {
-		go m.retire(old)
-	}
 	return mc
+}
+
+// retireDuplicates is called once mc's path kind is final (its peer's
+// hello arrived). See duplicateGrace.
+func (m *Mesh) retireDuplicates(mc *meshConn) {
+	if m.cfg.Name > mc.peer {
+		return // the peer decides
+	}
+	m.mu.Lock()
+	type pair struct{ old, newer *meshConn }
+	var dups []pair
+	for _, other := range m.conns[mc.peer] {
+		if other == mc || other.qc.Context().Err() != nil {
+			continue
+		}
+		if other.seq > mc.seq {
+			if other.settled() && other.samePath(mc) {
+				dups = append(dups, pair{mc, other})
+			}
+		} else if other.sock == mc.sock && (!other.settled() || other.samePath(mc)) {
+			// An older connection whose hello never came is presumed
+			// stale; retire re-checks it after the grace period.
+			dups = append(dups, pair{other, mc})
+		}
+	}
+	if m.closed {
+		dups = nil
+	}
+	m.wg.Add(len(dups))
+	m.mu.Unlock()
+	for _, d := range dups {
+		go m.retire(d.old, d.newer)
+	}
 }
 
 // Duplicate connections (two nodes dialing each other at once, or a peer
 // reconnecting while its old connection still looks alive to us): of two
-// live connections of the same path kind between two nodes, the node with
-// the smaller name closes the older one after duplicateGrace, so streams
-// in flight on it can finish; new streams already go to the newer one
-// (best picks the newest). Only one side decides, so both never close
-// both.
+// live connections between two nodes over the same socket and the same
+// kind of path (relayed via the same node, or not relayed: direct and
+// punched count as one), the node with the smaller name closes the older
+// one, by its own order, after duplicateGrace, so streams in flight on it
+// can finish; new streams already go to the newer one (best picks the
+// newest). Only one side decides, so both never close both. The check
+// waits for the peer's hello, which settles the path kind.
 const duplicateGrace = 2 * time.Second
 
-// retire closes old after duplicateGrace. Called with m.wg held for it.
-func (m *Mesh) retire(old *meshConn) {
+// retire closes old, a duplicate of newer, after duplicateGrace, unless
+// old's hello arrived meanwhile and shows another kind of path. Called with
+// m.wg held for it.
+func (m *Mesh) retire(old, newer *meshConn) {
 	defer m.wg.Done()
 	t := time.NewTimer(duplicateGrace)
 	defer t.Stop()
 	select {
 	case <-t.C:
+		if old.settled() && !old.samePath(newer) {
+			return
+		}
 		m.log.Debug("mesh: closing duplicate connection", "peer", old.peer)
 		old.qc.CloseWithError(errDuplicate, "duplicate connection")
 	case <-old.qc.Context().Done():
@@ -405,15 +559,26 @@ func (m *Mesh) retire(old *meshConn) {
 	}
 }
 
-// sameKind reports whether mc and other run over the same kind of path
-// (as far as known when other registers: hellos may still change it).
-func (mc *meshConn) sameKind(other *meshConn) bool {
+// settled reports whether the peer's hello arrived (so kind is final).
+func (mc *meshConn) settled() bool {
+	mc.mu.Lock()
+	defer mc.mu.Unlock()
+	return mc.hello
+}
+
+// samePath reports whether mc and other are duplicates: same socket, and
+// relayed via the same node or both not relayed.
+func (mc *meshConn) samePath(other *meshConn) bool {
+	if mc.sock != other.sock {
+		return false
+	}
 	mc.mu.Lock()
 	k, v := mc.kind, mc.via
 	mc.mu.Unlock()
 	other.mu.Lock()
 	defer other.mu.Unlock()
-	return k == other.kind && v == other.via
+	relayed := k == PathRelayed
+	return relayed == (other.kind == PathRelayed) && v == other.via
 }
 
 // unregister drops a connection that ended.
@@ -461,6 +626,26 @@ func (m *Mesh) best(peer string) *meshConn {
 		}
 	}
 	return best
+}
+
+// existing returns a live connection to peer over sock, of kind if that
+// is not empty (for the primary socket: direct or punched; a punched
+// attempt reuses a direct path too, as it is at least as good), or nil.
+func (m *Mesh) existing(peer string, sock *socket, kind PathKind) *meshConn {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, mc := range m.conns[peer] {
+		if mc.sock != sock || mc.qc.Context().Err() != nil {
+			continue
+		}
+		mc.mu.Lock()
+		k := mc.kind
+		mc.mu.Unlock()
+		if kind == "" || k == kind || k == PathDirect {
+			return mc
+		}
+	}
+	return nil
 }
 
 // nameFor returns the peer name known for an address, or "".
@@ -526,12 +711,19 @@ func (m *Mesh) serveUni(mc *meshConn) {
 }
 
 type hello struct {
-	Addr string `json:"addr"`
-	Via  string `json:"via,omitempty"`
+	Addr string   `json:"addr"`
+	Via  string   `json:"via,omitempty"`  // the sender's end runs over a relay on this node
+	Kind PathKind `json:"kind,omitempty"` // "punched" when the sender punched this path
 }
 
 func (m *Mesh) sendHello(mc *meshConn) error {
-	body, err := json.Marshal(hello{Addr: m.advertise.String(), Via: m.cfg.Via})
+	mc.mu.Lock()
+	h := hello{Addr: m.advertise.String(), Via: mc.sock.via}
+	if mc.kind == PathPunched {
+		h.Kind = PathPunched
+	}
+	mc.mu.Unlock()
+	body, err := json.Marshal(h)
 	if err != nil {
 		return err
 	}
@@ -592,10 +784,18 @@ func (m *Mesh) gotHello(mc *meshConn, h hello) {
 	if err == nil {
 		mc.advertise = addr
 	}
-	if h.Via != "" {
+	switch {
+	case h.Via != "":
 		mc.kind, mc.via = PathRelayed, h.Via
+	case h.Kind == PathPunched && mc.kind == PathDirect:
+		mc.kind = PathPunched
 	}
+	first := !mc.hello
+	mc.hello = true
 	mc.mu.Unlock()
+	if first {
+		defer m.retireDuplicates(mc)
+	}
 	if err == nil {
 		m.mu.Lock()
 		m.addrs[addr.String()] = mc.peer
@@ -785,15 +985,19 @@ func (m *Mesh) Close() error {
 	for _, list := range m.conns {
 		all = append(all, list...)
 	}
+	socks := []*socket{m.primary}
+	for _, s := range m.relays {
+		socks = append(socks, s)
+	}
+	m.relays = map[string]*socket{}
 	m.mu.Unlock()
 	m.cancel()
 	for _, mc := range all {
 		mc.qc.CloseWithError(errClosing, "mesh closed")
 	}
-	m.ln.Close()
-	err := m.tr.Close()
-	if m.cfg.Via == "" {
-		if cerr := m.cfg.Conn.Close(); err == nil {
+	var err error
+	for _, s := range socks {
+		if cerr := s.close(); err == nil {
 			err = cerr
 		}
 	}
