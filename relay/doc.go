@@ -13,7 +13,7 @@
 //     allocations relay only to circle peers (ServerConfig.Peers), never
 //     to loopback or the server's own addresses (server.go).
 //   - Reflexive: a STUN client that finds a socket's server-reflexive
-//     address (stun.go).
+//     address; Mesh.Reflexive does it on a running mesh's socket (stun.go).
 //   - Allocate: a TURN allocation with derived credentials, as a
 //     net.PacketConn; pion refreshes it. Its doc lists the pion v2
 //     pitfalls (client.go).
@@ -40,9 +40,6 @@
 // pion/ice/v2), keep a relay path to NATed peers, connect to new members
 // over the right path. Today the Transport's automatic connections go over
 // the primary socket to the memberlist address only.
-// TODO(issue 4): STUN on the mesh socket itself (quic.Transport's
-// ReadNonQUICPacket/WriteTo), so the reflexive address of the QUIC socket
-// is known while the mesh runs; Reflexive needs the socket to itself.
 // TODO(issue 4): re-allocate before credentials expire (DefaultCredentialTTL)
 // and when an allocation fails; fail over to a second relay.
 // TODO(issue 4): proxied HTTP to circle services (a mesh service per

@@ -144,6 +144,7 @@ type Mesh struct {
 	ctx       context.Context // cancelled by Close
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup // every goroutine the mesh starts
+	stunMu    sync.Mutex     // serialises Reflexive (one reader of non-QUIC packets)
 
 	mu       sync.Mutex // guards the following
 	closed   bool

@@ -320,3 +320,24 @@ func TestAllocationSurvivesRefresh(t *testing.T) {
 		t.Fatalf("relay address %v", a.RelayAddr())
 	}
 }
+
+func TestMeshReflexive(t *testing.T) {
+	env := startTURN(t, false, nil)
+	a := newMesh(t, "alice", testSecret)
+	b := newMesh(t, "bob", testSecret)
+	serveEcho(t, b, "echo")
+	if err := a.Connect(ctxT(t, 5*time.Second), "bob", b.Addr()); err != nil {
+		t.Fatal(err)
+	}
+	for range 2 {
+		got, err := a.Reflexive(ctxT(t, 5*time.Second), env.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.String() != a.Addr().String() {
+			t.Fatalf("reflexive %v, want %v", got, a.Addr())
+		}
+		// The mesh keeps working on the same socket.
+		echoOnce(t, a, "bob", "echo", []byte("after stun"))
+	}
+}
