@@ -39,6 +39,12 @@ const (
 	DefaultLockTTL = 30 * time.Second
 	// DefaultLockPoll is how often a waiting Lock looks at the lease again.
 	DefaultLockPoll = time.Second
+	// defaultAckWait bounds how long a write waits for every alive node.
+	defaultAckWait = 5 * time.Second
+	// defaultLockSettle is how long a new lease is left to meet concurrent
+	// takers' leases (after every alive node acknowledged it) before the
+	// taker reads back who holds the lock.
+	defaultLockSettle = 150 * time.Millisecond
 )
 
 // sealedVersion is the first byte of a value encrypted at rest. Layout:
@@ -66,10 +72,13 @@ type Storage struct {
 	// Default: 1s.
 	LockPollInterval caddy.Duration `json:"lock_poll_interval,omitempty"`
 
-	node   *replicator.Node
-	aead   cipher.AEAD
-	owner  string // this storage instance: node name + random suffix
-	logger *zap.Logger
+	node       *replicator.Node
+	aead       cipher.AEAD
+	owner      string // this storage instance: node name + random suffix
+	logger     *zap.Logger
+	ackWait    time.Duration // bound of the all-alive acknowledgement wait
+	lockSettle time.Duration // see defaultLockSettle
+	stopAcker  func()        // stops acknowledging changes (nil before init)
 
 	mu   *sync.Mutex       // guards held (a pointer: the module value is copied by CaddyModule)
 	held map[string]*lease // locks this instance holds, by name
@@ -113,7 +122,11 @@ func (s *Storage) Provision(ctx caddy.Context) error {
 	if !ok || app.node == nil {
 		return errors.New("storage circle: the circle app has no node")
 	}
-	return s.init(app.node.repl, app.Name, app.node.storageKey)
+	if err := s.init(app.node.repl, app.Name, app.node.storageKey); err != nil {
+		return err
+	}
+	s.subscribeCertEvents(ctx, app.Name)
+	return nil
 }
 
 // init sets up the storage on node; it is Provision without Caddy.
@@ -135,16 +148,27 @@ func (s *Storage) init(node *replicator.Node, nodeName string, key []byte) error
 	if err != nil {
 		return fmt.Errorf("loading storage key: %w", err)
 	}
+	if s.ackWait <= 0 {
+		s.ackWait = defaultAckWait
+	}
+	if s.lockSettle <= 0 {
+		s.lockSettle = defaultLockSettle
+	}
 	s.node = node
 	s.owner = nodeName + "/" + randomHex(8)
 	s.mu = new(sync.Mutex)
 	s.held = make(map[string]*lease)
+	s.stopAcker = s.startAcker(node.Name())
 	return nil
 }
 
 // Cleanup stops the lease refreshers of this instance; leases it still
 // holds then expire on their own.
 func (s *Storage) Cleanup() error {
+	if s.stopAcker != nil {
+		s.stopAcker()
+		s.stopAcker = nil
+	}
 	if s.mu == nil {
 		return nil
 	}
@@ -171,6 +195,12 @@ func (s *Storage) put(ctx context.Context, bucket, key string, value []byte) err
 		return nil
 	}
 	return err
+}
+
+// logWarnMissing logs the alive nodes that did not acknowledge key in time.
+func (s *Storage) logWarnMissing(key string, missing []string) {
+	s.logger.Warn("not every alive node acknowledged the write in time; it keeps replicating",
+		zap.String("key", key), zap.Strings("missing", missing), zap.Duration("waited", s.ackWait))
 }
 
 // del tombstones a record, with put's tolerance for acknowledgement timeouts.
@@ -218,7 +248,12 @@ func (s *Storage) open(key string, sealed []byte) ([]byte, error) {
 	return plain, nil
 }
 
-// Store implements certmagic.Storage.
+// Store implements certmagic.Storage. Certificates and ACME challenge
+// tokens are stored with all-alive acknowledgement: Store returns once every
+// alive node running the storage holds the value (or after a bounded wait,
+// logged), since a token must be answerable by any node before the CA
+// validates, and a certificate must be everywhere before the lock of its
+// issuance is released. Other keys are acknowledged by `replicas` nodes.
 func (s *Storage) Store(ctx context.Context, key string, value []byte) error {
 	key = normKey(key)
 	if key == "" {
@@ -227,7 +262,13 @@ func (s *Storage) Store(ctx context.Context, key string, value []byte) error {
 	if sensitive(key) {
 		value = s.seal(key, value)
 	}
-	if err := s.put(ctx, bucketCerts, key, value); err != nil {
+	var err error
+	if needsAllAlive(key) {
+		_, err = s.putAllAlive(ctx, bucketCerts, key, value)
+	} else {
+		err = s.put(ctx, bucketCerts, key, value)
+	}
+	if err != nil {
 		return fmt.Errorf("storing %s: %w", key, err)
 	}
 	return nil
@@ -235,7 +276,31 @@ func (s *Storage) Store(ctx context.Context, key string, value []byte) error {
 
 // Load implements certmagic.Storage. A missing key gives an error wrapping
 // fs.ErrNotExist.
+//
+// Values are checked against the format their key promises (PEM
+// certificates for .crt, a PEM private key for .key, JSON for .json; keys
+// are also authenticated by their encryption), so a corrupted or truncated
+// record is never handed to certmagic. Under "certificates/" such a record
+// counts as missing (fs.ErrNotExist), so the certificate is obtained again
+// under the issuance lock; elsewhere (the CA, ACME accounts) it is an
+// error, because replacing a CA root or an account silently is worse.
 func (s *Storage) Load(ctx context.Context, key string) ([]byte, error) {
+	value, err := s.load(key)
+	if err != nil {
+		return nil, err
+	}
+	if err := checkRecordFormat(normKey(key), value); err != nil {
+		s.logger.Error("unusable record in the store", zap.String("key", normKey(key)), zap.Error(err))
+		if strings.HasPrefix(normKey(key), "certificates/") {
+			return nil, fmt.Errorf("loading %s: %w (%w)", normKey(key), fs.ErrNotExist, err)
+		}
+		return nil, fmt.Errorf("loading %s: %w", normKey(key), err)
+	}
+	return value, nil
+}
+
+// load reads and, for sensitive keys, decrypts a record.
+func (s *Storage) load(key string) ([]byte, error) {
 	key = normKey(key)
 	if key == "" {
 		return nil, fmt.Errorf("loading the root: %w", fs.ErrNotExist)
@@ -248,7 +313,11 @@ func (s *Storage) Load(ctx context.Context, key string) ([]byte, error) {
 		return nil, fmt.Errorf("loading %s: %w", key, err)
 	}
 	if sensitive(key) {
-		return s.open(key, rec.Value)
+		plain, err := s.open(key, rec.Value)
+		if err != nil && strings.HasPrefix(key, "certificates/") {
+			return nil, fmt.Errorf("%w (%w)", fs.ErrNotExist, err)
+		}
+		return plain, err
 	}
 	return rec.Value, nil
 }
@@ -290,11 +359,17 @@ func dirPrefix(key string) string {
 }
 
 // Exists implements certmagic.Storage: key is a stored key or a prefix
-// ("directory") of one.
+// ("directory") of one. A corrupted record under "certificates/" does not
+// exist (as for Load), so that certmagic obtains the certificate again
+// rather than failing to load it.
 func (s *Storage) Exists(ctx context.Context, key string) bool {
 	key = normKey(key)
 	if key != "" {
 		if _, err := s.node.Get(bucketCerts, key); err == nil {
+			if strings.HasPrefix(key, "certificates/") {
+				_, err := s.Load(ctx, key)
+				return err == nil
+			}
 			return true
 		}
 	}
@@ -384,11 +459,23 @@ func versionTime(v replicator.Version) time.Time {
 	return time.UnixMilli(int64(v.Time >> 16))
 }
 
-// Lock implements certmagic.Locker: it waits, polling, until the lease for
-// name is free or expired, then takes it and keeps it fresh until Unlock.
+// Lock implements certmagic.Locker: it waits until the lease for name is
+// free or expired, then takes it and keeps it fresh until Unlock. It looks
+// again every LockPollInterval (for expiry) and at once when the lease is
+// released.
 func (s *Storage) Lock(ctx context.Context, name string) error {
 	poll := time.NewTicker(time.Duration(s.LockPollInterval))
 	defer poll.Stop()
+	released := make(chan struct{}, 1)
+	cancel := s.node.Watch(bucketLocks, func(r replicator.Record) {
+		if r.Key == name && r.Deleted {
+			select {
+			case released <- struct{}{}:
+			default:
+			}
+		}
+	})
+	defer cancel()
 	for {
 		ok, err := s.TryLock(ctx, name)
 		if err != nil || ok {
@@ -398,6 +485,7 @@ func (s *Storage) Lock(ctx context.Context, name string) error {
 		case <-ctx.Done():
 			return fmt.Errorf("waiting for lock %s: %w", name, context.Cause(ctx))
 		case <-poll.C:
+		case <-released:
 		}
 	}
 }
@@ -413,23 +501,48 @@ func (s *Storage) TryLock(ctx context.Context, name string) (bool, error) {
 	if mine {
 		return false, nil // held by this instance: only one holder at a time
 	}
-	// Within this process, check-write-read is one step, so instances on the
-	// same node exclude each other exactly; across nodes the lease is best
-	// effort (the higher version wins once both writes have met).
+	// Within this process, check-and-write is one step, so instances on the
+	// same node exclude each other exactly (a later taker sees our lease);
+	// across nodes the lease is best effort (the higher version wins once
+	// both writes have met).
+	token := randomHex(16)
 	leaseMu.Lock()
-	defer leaseMu.Unlock()
 	if cur, ok := s.readLease(name); ok && time.Now().Before(cur.Expires) {
+		leaseMu.Unlock()
 		return false, nil
 	} else if ok {
 		s.logger.Info("taking over expired lock", zap.String("lock", name), zap.String("previous_owner", cur.Owner))
 	}
-
-	token := randomHex(16)
-	if err := s.writeLease(ctx, name, token, time.Duration(s.LockTTL)); err != nil {
+	err := s.writeLease(ctx, name, token, time.Duration(s.LockTTL))
+	leaseMu.Unlock()
+	if err != nil {
 		return false, fmt.Errorf("taking lock %s: %w", name, err)
 	}
 	// Between two concurrent takers the record with the higher version
-	// wins; read back which one that is here.
+	// wins. Wait until every alive node holds our lease (or a later one:
+	// then we lost), leave concurrent leases a moment to arrive, and read
+	// back which one won here.
+	// Alone (no other node running the storage is alive), nobody can race.
+	racers := 0
+	if rec, err := s.node.Get(bucketLocks, name); err == nil {
+		missing, newer, peers := s.awaitAllAlive(ctx, bucketLocks, name, rec.Version, min(s.ackWait, time.Duration(s.LockTTL)/3))
+		if newer {
+			return false, nil
+		}
+		if len(missing) > 0 {
+			s.logWarnMissing(name, missing)
+		}
+		racers = peers
+	}
+	if s.lockSettle > 0 && racers > 0 {
+		t := time.NewTimer(s.lockSettle)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return false, ctx.Err()
+		case <-t.C:
+		}
+	}
 	if cur, ok := s.readLease(name); !ok || cur.Token != token {
 		return false, nil
 	}

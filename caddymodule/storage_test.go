@@ -3,11 +3,17 @@ package caddymodule
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"io/fs"
+	"math/big"
 	"net"
 	"reflect"
 	"sync"
@@ -22,7 +28,7 @@ import (
 
 // freeAddr returns a loopback host:port free for both TCP and UDP (the
 // gossip port uses both).
-func freeAddr(t *testing.T) string {
+func freeAddr(t testing.TB) string {
 	t.Helper()
 	for range 50 {
 		l, err := net.Listen("tcp", "127.0.0.1:0")
@@ -42,14 +48,14 @@ func freeAddr(t *testing.T) string {
 	return ""
 }
 
-func testSecret(t *testing.T) []byte {
+func testSecret(t testing.TB) []byte {
 	b := make([]byte, 32)
 	rand.Read(b)
 	return b
 }
 
 // openTestNode opens a single real replicator node in t.TempDir().
-func openTestNode(t *testing.T, name string, secret []byte) *replicator.Node {
+func openTestNode(t testing.TB, name string, secret []byte) *replicator.Node {
 	t.Helper()
 	cfg := replicator.DefaultConfig()
 	cfg.Name = name
@@ -64,6 +70,33 @@ func openTestNode(t *testing.T, name string, secret []byte) *replicator.Node {
 	}
 	t.Cleanup(func() { n.Close() })
 	return n
+}
+
+// testCertPEM returns a self-signed certificate for name and its EC key,
+// both PEM-encoded.
+func testCertPEM(t *testing.T, names ...string) (certPEM, keyPEM []byte) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(time.Now().UnixNano()),
+		Subject:      pkix.Name{CommonName: names[0]},
+		DNSNames:     names,
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kder, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
+		pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})
 }
 
 func newTestStorage(t *testing.T, n *replicator.Node, key []byte) *Storage {
@@ -98,13 +131,16 @@ func TestStorageSemantics(t *testing.T) {
 		t.Fatalf("Delete(missing) = %v, want nil", err)
 	}
 
+	exCert, exKey := testCertPEM(t, "example.com")
+	otherCert, _ := testCertPEM(t, "other.net")
+	rootCert, rootKey := testCertPEM(t, "root")
 	files := map[string][]byte{
-		"certificates/acme/example.com/example.com.crt":  []byte("CERT"),
-		"certificates/acme/example.com/example.com.key":  []byte("-----BEGIN EC PRIVATE KEY-----secret"),
+		"certificates/acme/example.com/example.com.crt":  exCert,
+		"certificates/acme/example.com/example.com.key":  exKey,
 		"certificates/acme/example.com/example.com.json": []byte(`{"sans":["example.com"]}`),
-		"certificates/acme/other.net/other.net.crt":      []byte("CERT2"),
-		"pki/authorities/local/root.crt":                 []byte("ROOT"),
-		"pki/authorities/local/root.key":                 []byte("ROOTKEY"),
+		"certificates/acme/other.net/other.net.crt":      otherCert,
+		"pki/authorities/local/root.crt":                 rootCert,
+		"pki/authorities/local/root.key":                 rootKey,
 		"last_clean.json":                                []byte("{}"),
 	}
 	before := time.Now().Add(-time.Second)
@@ -183,7 +219,7 @@ func TestStorageSemantics(t *testing.T) {
 			t.Fatalf("%s stored in the clear: %q", k, rec.Value)
 		}
 	}
-	if rec, _ := n.Get(bucketCerts, "pki/authorities/local/root.crt"); !bytes.Equal(rec.Value, []byte("ROOT")) {
+	if rec, _ := n.Get(bucketCerts, "pki/authorities/local/root.crt"); !bytes.Equal(rec.Value, rootCert) {
 		t.Fatalf("certificate not stored as is: %q", rec.Value)
 	}
 	other := newTestStorage(t, n, testSecret(t))
@@ -362,5 +398,89 @@ func TestStorageLockMutualExclusion(t *testing.T) {
 	wg.Wait()
 	if max.Load() != 1 {
 		t.Fatalf("%d holders at once", max.Load())
+	}
+}
+
+// openTestCluster opens n joined replicator nodes with replicas 2.
+func openTestCluster(t *testing.T, names ...string) []*replicator.Node {
+	t.Helper()
+	secret := testSecret(t)
+	var out []*replicator.Node
+	var first string
+	for _, name := range names {
+		cfg := replicator.DefaultConfig()
+		cfg.Name = name
+		cfg.DataDir = t.TempDir()
+		cfg.Secret = secret
+		cfg.BindAddr = freeAddr(t)
+		cfg.Replicas = 2
+		cfg.AckTimeout = 2 * time.Second
+		cfg.AntiEntropyInterval = time.Second
+		if first != "" {
+			cfg.Join = []string{first}
+		} else {
+			first = cfg.BindAddr
+		}
+		n, err := replicator.Open(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { n.Close() })
+		out = append(out, n)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for _, n := range out {
+		for alivePeers(n) != len(out)-1 {
+			if time.Now().After(deadline) {
+				t.Fatalf("%s sees %d alive peers", n.Name(), alivePeers(n))
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	return out
+}
+
+// Every alive node holds a stored value when Store returns: a challenge
+// token is answerable by any node before the CA validates.
+func TestStorageAllAliveAck(t *testing.T) {
+	ctx := context.Background()
+	// a4 runs no storage: it never acknowledges, and is not waited for.
+	all := openTestCluster(t, "a1", "a2", "a3", "a4")
+	ns := all[:3]
+	key := testSecret(t)
+	var ss []*Storage
+	for _, n := range ns {
+		ss = append(ss, newTestStorage(t, n, key))
+	}
+	// Each storage announces that it acknowledges; wait until all know.
+	deadline := time.Now().Add(5 * time.Second)
+	for _, a := range ns {
+		for _, b := range ns {
+			for {
+				if r, _ := a.List(bucketAcks, readyPrefix(b.Name())); len(r) > 0 {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("%s does not know that %s acknowledges", a.Name(), b.Name())
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		}
+	}
+	for i := range 5 {
+		k := fmt.Sprintf("acme/ca/challenge_tokens/name%d.json", i)
+		start := time.Now()
+		if err := ss[i%3].Store(ctx, k, []byte(`{"token":"x"}`)); err != nil {
+			t.Fatal(err)
+		}
+		took := time.Since(start)
+		for _, s := range ss {
+			if _, err := s.Load(ctx, k); err != nil {
+				t.Fatalf("%s right after Store on %s (took %v): %v", s.node.Name(), ss[i%3].node.Name(), took, err)
+			}
+		}
+		if took > 3*time.Second {
+			t.Fatalf("Store took %v", took)
+		}
 	}
 }
