@@ -30,7 +30,7 @@ const maxAdminBody = 1 << 20
 // adminAPI is `admin.api.circle`, the circle's endpoints on Caddy's admin
 // API (what the `caddy circle` subcommands talk to):
 //
-//	GET  /circle/status      node, members, replication, role
+//	GET  /circle/status      node, members, replication, role, certificates, locks
 //	POST /circle/users       {"username","password","name","email","groups"} -> 201 account
 //	POST /circle/invites     {"groups","ttl"} -> {"url","expires"}; url is
 //	                         https://<domain>[:https_port]/register?invite=TOKEN
@@ -107,6 +107,12 @@ type statusJSON struct {
 	Members     []memberJSON    `json:"members"`
 	Replication replicationJSON `json:"replication"`
 	Accounts    int             `json:"accounts"`
+	// Certificates are the certificates in the circle's storage (those
+	// `storage circle` manages), with the node that stored each last and
+	// the last issuance error of its names.
+	Certificates []certJSON `json:"certificates"`
+	// Locks are the storage's lock leases (certificate issuance, ARI...).
+	Locks []lockJSON `json:"locks,omitempty"`
 }
 
 type memberJSON struct {
@@ -159,6 +165,8 @@ func (a *adminAPI) handleStatus(w http.ResponseWriter, r *http.Request, app *App
 	if accts, err := app.Identity().Accounts(); err == nil {
 		st.Accounts = len(accts)
 	}
+	st.Certificates = certificatesStatus(repl)
+	st.Locks = locksStatus(repl)
 	return writeJSON(w, http.StatusOK, st)
 }
 

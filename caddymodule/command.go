@@ -279,6 +279,52 @@ func printStatus(w io.Writer, st statusJSON) {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", m.Name, m.Addr, m.State, path)
 	}
 	tw.Flush()
+	printCertificates(w, st.Certificates)
+}
+
+// printCertificates writes the managed certificates as a table, followed
+// by their problems and last errors.
+func printCertificates(w io.Writer, certs []certJSON) {
+	fmt.Fprintln(w)
+	if len(certs) == 0 {
+		fmt.Fprintln(w, "no certificates in the circle's storage")
+		return
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "CERTIFICATE\tEXPIRES\tRENEWED BY\tRENEWED AT\tSTATUS")
+	var notes []string
+	for _, c := range certs {
+		names := strings.Join(c.Names, ",")
+		expires := "-"
+		if !c.NotAfter.IsZero() {
+			expires = c.NotAfter.Local().Format("2006-01-02 15:04:05")
+		}
+		renewedAt := "-"
+		if !c.RenewedAt.IsZero() {
+			renewedAt = c.RenewedAt.Local().Format("2006-01-02 15:04:05")
+		}
+		renewedBy := c.RenewedBy
+		if renewedBy == "" {
+			renewedBy = "-"
+		}
+		status := "ok"
+		switch {
+		case c.Problem != "":
+			status = "unusable"
+			notes = append(notes, fmt.Sprintf("%s: %s", names, c.Problem))
+		case c.LastError != "":
+			status = "renewal failing"
+		}
+		if c.LastError != "" {
+			notes = append(notes, fmt.Sprintf("%s: last error on %s at %s: %s", names, c.LastErrorNode,
+				c.LastErrorTime.Local().Format("2006-01-02 15:04:05"), c.LastError))
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", names, expires, renewedBy, renewedAt, status)
+	}
+	tw.Flush()
+	for _, n := range notes {
+		fmt.Fprintln(w, "  "+n)
+	}
 }
 
 // Interface guards
