@@ -117,6 +117,13 @@ type node struct {
 	done                                   chan struct{}
 	log                                    *syncBuffer
 	rootPool                               *x509.CertPool // this node's CA root, fetched once
+	// caddyfileFn, when set, makes the node's whole Caddyfile instead of
+	// the default one (tests with other global options or sites).
+	caddyfileFn func(n *node) string
+	// adaptFn, when set, runs the node on JSON: the Caddyfile adapted by
+	// `caddy adapt`, passed through adaptFn (for settings that have no
+	// Caddyfile syntax).
+	adaptFn func(t *testing.T, cfgJSON []byte) []byte
 }
 
 // circle is a set of nodes sharing a secret, plus an upstream app that
@@ -208,6 +215,9 @@ func (c *circle) addNode(name, secretFile string) *node {
 }
 
 func (n *node) caddyfile() string {
+	if n.caddyfileFn != nil {
+		return n.caddyfileFn(n)
+	}
 	var join []string
 	for _, p := range n.join {
 		join = append(join, fmt.Sprintf("127.0.0.1:%d", p))
@@ -256,6 +266,13 @@ family.%[5]s:%[3]d {
 // start launches the node's process and waits until its admin API
 // answers /circle/status.
 func (n *node) start() {
+	n.c.t.Helper()
+	n.launch()
+	n.waitUp()
+}
+
+// launch starts the node's process without waiting for it.
+func (n *node) launch() {
 	t := n.c.t
 	t.Helper()
 	cfg := filepath.Join(n.dir, "Caddyfile")
@@ -265,7 +282,19 @@ func (n *node) start() {
 	if n.log == nil {
 		n.log = &syncBuffer{}
 	}
-	cmd := exec.Command(caddyBin, "run", "--config", cfg, "--adapter", "caddyfile")
+	args := []string{"run", "--config", cfg, "--adapter", "caddyfile"}
+	if n.adaptFn != nil {
+		out, err := exec.Command(caddyBin, "adapt", "--config", cfg, "--adapter", "caddyfile").Output()
+		if err != nil {
+			t.Fatalf("adapting the Caddyfile of %s: %v", n.name, err)
+		}
+		js := filepath.Join(n.dir, "caddy.json")
+		if err := os.WriteFile(js, n.adaptFn(t, out), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		args = []string{"run", "--config", js}
+	}
+	cmd := exec.Command(caddyBin, args...)
 	home := filepath.Join(n.dir, "home")
 	cmd.Env = append(os.Environ(), "HOME="+home, "XDG_DATA_HOME="+filepath.Join(home, "data"),
 		"XDG_CONFIG_HOME="+filepath.Join(home, "config"))
@@ -282,6 +311,12 @@ func (n *node) start() {
 			t.Logf("---- log of %s ----\n%s", n.name, tail(n.log.String(), 6000))
 		}
 	})
+}
+
+// waitUp waits until the launched node's admin API answers /circle/status.
+func (n *node) waitUp() {
+	t := n.c.t
+	t.Helper()
 	waitFor(t, 30*time.Second, n.name+" admin API up", func() error {
 		select {
 		case <-n.done:
