@@ -2,6 +2,7 @@ package relay_test
 
 import (
 	"net"
+	"os"
 	"testing"
 	"time"
 
@@ -9,6 +10,9 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	// quic-go warns on stderr that the relay conns' buffers cannot be
+	// sized; they are not *net.UDPConn.
+	os.Setenv("QUIC_GO_DISABLE_RECEIVE_BUFFER_WARNING", "true")
 	goleak.VerifyTestMain(m)
 }
 

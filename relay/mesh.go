@@ -300,9 +300,13 @@ func (m *Mesh) AddRelay(via string, conn net.PacketConn) error {
 	}
 	m.mu.Lock()
 	if m.closed || m.relays[via] != nil {
+		closed := m.closed
 		m.mu.Unlock()
 		sock.close()
-		return fmt.Errorf("%w: add relay via %q", ErrClosed, via)
+		if closed {
+			return ErrClosed
+		}
+		return fmt.Errorf("%w: add relay: already have a relay via %q", ErrInvalid, via)
 	}
 	m.relays[via] = sock
 	m.mu.Unlock()

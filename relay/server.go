@@ -35,8 +35,9 @@ type ServerConfig struct {
 	// Default: RelayAddress.
 	RelayBindAddress string
 
-	// Peers returns the addresses of the circle's peers: the only
-	// addresses an allocation may relay to. It is called for every
+	// Peers returns the addresses of the circle's peers as this server
+	// sees them (their public, server-reflexive addresses for NATed
+	// peers): the only addresses an allocation may relay to. It is called for every
 	// CreatePermission and ChannelBind request, from pion's read loop, so
 	// it must be fast, must not block and must be safe for concurrent use.
 	// Default: no peers (nothing is relayed).

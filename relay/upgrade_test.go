@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -131,4 +132,68 @@ func TestRelayedThenPunchedThenFallback(t *testing.T) {
 		t.Fatal(err)
 	}
 	eventually(t, 5*time.Second, "no path left", func() bool { return len(carol.Paths()) == 0 })
+}
+
+// filtering is a socket behind a simulated address-restricted NAT filter:
+// it only receives packets from addresses it has sent to.
+type filtering struct {
+	net.PacketConn
+	mu   sync.Mutex // guards sent
+	sent map[string]bool
+}
+
+func (f *filtering) WriteTo(p []byte, addr net.Addr) (int, error) {
+	f.mu.Lock()
+	f.sent[addr.String()] = true
+	f.mu.Unlock()
+	return f.PacketConn.WriteTo(p, addr)
+}
+
+func (f *filtering) ReadFrom(p []byte) (int, net.Addr, error) {
+	for {
+		n, addr, err := f.PacketConn.ReadFrom(p)
+		if err != nil {
+			return n, addr, err
+		}
+		f.mu.Lock()
+		ok := f.sent[addr.String()]
+		f.mu.Unlock()
+		if ok {
+			return n, addr, nil
+		}
+	}
+}
+
+// TestPunchThroughFilteringNATs: two nodes behind address-restricted
+// filters cannot connect one-sidedly, but can when both punch at once.
+func TestPunchThroughFilteringNATs(t *testing.T) {
+	mk := func(name string) *relay.Mesh {
+		m, err := relay.NewMesh(relay.MeshConfig{
+			Name: name, Secret: testSecret,
+			Conn: &filtering{PacketConn: listenUDP(t), sent: map[string]bool{}},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { m.Close() })
+		return m
+	}
+	alice, bob := mk("alice"), mk("bob")
+	if err := alice.Connect(ctxT(t, 500*time.Millisecond), "bob", bob.Addr()); err == nil {
+		t.Fatal("connected through bob's filter without punching")
+	}
+	serveEcho(t, bob, "echo")
+	errs := make(chan error, 2)
+	go func() { errs <- alice.Punch(ctxT(t, 5*time.Second), "bob", bob.Addr()) }()
+	go func() { errs <- bob.Punch(ctxT(t, 5*time.Second), "alice", alice.Addr()) }()
+	for range 2 {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	echoOnce(t, alice, "bob", "echo", []byte("through the holes"))
+	eventually(t, 10*time.Second, "one punched path on each side", func() bool {
+		pa, pb := alice.Paths(), bob.Paths()
+		return len(pa) == 1 && pa[0].Kind == relay.PathPunched && len(pb) == 1 && pb[0].Kind == relay.PathPunched
+	})
 }
