@@ -32,9 +32,19 @@ type AllocateConfig struct {
 	// (TODO: re-allocate automatically). Default DefaultCredentialTTL.
 	TTL time.Duration
 
+	// KeepAlive is the period of STUN Binding requests to the server that
+	// hold the NAT mapping between this socket and the server open even
+	// when no traffic is relayed (pion only refreshes every few minutes,
+	// and a home NAT forgets a UDP mapping after about 30 s; a new mapping
+	// would no longer match the allocation). Default DefaultAllocationKeepAlive.
+	KeepAlive time.Duration
+
 	// Logger receives pion's logs. Default: discard.
 	Logger *slog.Logger
 }
+
+// DefaultAllocationKeepAlive is the default AllocateConfig.KeepAlive.
+const DefaultAllocationKeepAlive = 15 * time.Second
 
 // Allocation is a TURN allocation on a relay: PacketConn sends and
 // receives through the relay's address. pion refreshes the allocation
@@ -58,6 +68,8 @@ type Allocation struct {
 	client *turn.Client
 	relay  net.PacketConn
 	conn   net.PacketConn
+	stop   chan struct{} // closed by Close
+	wg     sync.WaitGroup
 
 	once sync.Once
 	err  error
@@ -102,7 +114,36 @@ func Allocate(cfg AllocateConfig) (*Allocation, error) {
 		}
 		return nil, fmt.Errorf("relay: allocating on %s: %w", cfg.Server, err)
 	}
-	return &Allocation{client: c, relay: rc, conn: cfg.Conn}, nil
+	if cfg.KeepAlive <= 0 {
+		cfg.KeepAlive = DefaultAllocationKeepAlive
+	}
+	a := &Allocation{client: c, relay: rc, conn: cfg.Conn, stop: make(chan struct{})}
+	a.wg.Add(1)
+	go a.keepAlive(cfg.KeepAlive)
+	return a, nil
+}
+
+// keepAlive sends a Binding request to the server every period until
+// Close.
+func (a *Allocation) keepAlive(period time.Duration) {
+	defer a.wg.Done()
+	t := time.NewTicker(period)
+	defer t.Stop()
+	for {
+		select {
+		case <-a.stop:
+			return
+		case <-t.C:
+			select {
+			case <-a.stop:
+				return
+			default:
+			}
+			// Blocks for at most pion's retransmissions; Close ends it
+			// early (closing the client's transactions and socket).
+			a.client.SendBindingRequest()
+		}
+	}
 }
 
 // PacketConn returns the relayed connection: its LocalAddr is the relayed
@@ -117,11 +158,13 @@ func (a *Allocation) RelayAddr() net.Addr { return a.relay.LocalAddr() }
 // closes the socket. It is idempotent.
 func (a *Allocation) Close() error {
 	a.once.Do(func() {
+		close(a.stop)
 		a.err = a.relay.Close()
 		a.client.Close()
 		if err := a.conn.Close(); a.err == nil {
 			a.err = err
 		}
+		a.wg.Wait()
 	})
 	return a.err
 }

@@ -341,3 +341,37 @@ func TestMeshReflexive(t *testing.T) {
 		echoOnce(t, a, "bob", "echo", []byte("after stun"))
 	}
 }
+
+// countBindings counts STUN Binding requests a server receives.
+type countBindings struct {
+	net.PacketConn
+	n atomic.Int32
+}
+
+func (c *countBindings) ReadFrom(b []byte) (int, net.Addr, error) {
+	n, addr, err := c.PacketConn.ReadFrom(b)
+	if err == nil && stun.IsMessage(b[:n]) {
+		m := &stun.Message{Raw: append([]byte(nil), b[:n]...)}
+		if m.Decode() == nil && m.Type == stun.BindingRequest {
+			c.n.Add(1)
+		}
+	}
+	return n, addr, err
+}
+
+func TestAllocationKeepAlive(t *testing.T) {
+	var counter *countBindings
+	env := startTURN(t, true, func(pc net.PacketConn) net.PacketConn {
+		counter = &countBindings{PacketConn: pc}
+		return counter
+	})
+	a, err := relay.Allocate(relay.AllocateConfig{
+		Conn: listenUDP(t), Server: env.addr, Secret: testSecret, Node: "client",
+		KeepAlive: 50 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	eventually(t, 5*time.Second, "keep-alive binding requests", func() bool { return counter.n.Load() >= 3 })
+}
