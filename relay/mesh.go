@@ -23,9 +23,11 @@ import (
 // circle secret (certs.go). On it:
 //
 //   - Bidirectional streams carry services. The opener writes
-//     version(1) | len(1) | service name (1..255 bytes), then the stream is
-//     the service's byte stream. A stream for a service nobody listens on
-//     is reset (both directions) with error code 1.
+//     version(1) | len(1) | service name (1..255 bytes); the acceptor
+//     answers one status byte, 0 (accepted: from here on the stream is the
+//     service's byte stream, both ways) or 1 (no such service: it then
+//     closes the stream). A malformed header gets the stream reset with
+//     error code 1.
 //   - Unidirectional streams start with version(1) | type(1):
 //     type 1 "hello": len(2, big endian) | JSON {"addr": advertised
 //     address, "via": relay node name or ""}; each side sends one
@@ -46,9 +48,12 @@ const (
 	maxPacket    = 64 << 10
 	maxHello     = 4 << 10
 	headerWait   = 5 * time.Second // bound on reading a stream's header
-	errNoService = 1               // stream error code: no such service
-	errClosing   = 0               // connection error code: mesh closing
-	errDuplicate = 2               // connection error code: duplicate connection retired
+	errNoService = 1               // stream error code: no such service / bad header
+
+	statusOK        = 0 // stream status byte: accepted
+	statusNoService = 1 // stream status byte: no such service
+	errClosing      = 0 // connection error code: mesh closing
+	errDuplicate    = 2 // connection error code: duplicate connection retired
 )
 
 // Defaults used by DefaultMeshConfig and by NewMesh for zero fields.
@@ -691,12 +696,20 @@ func (m *Mesh) handleStream(mc *meshConn, s *quic.Stream) {
 	m.mu.Lock()
 	svc := m.services[string(name)]
 	m.mu.Unlock()
+	s.SetWriteDeadline(time.Now().Add(headerWait))
 	if svc == nil {
 		m.log.Debug("mesh: stream for unknown service", "peer", mc.peer, "service", string(name))
+		s.Write([]byte{statusNoService})
+		s.CancelRead(errNoService)
+		s.Close()
+		return
+	}
+	if _, err := s.Write([]byte{statusOK}); err != nil {
 		s.CancelRead(errNoService)
 		s.CancelWrite(errNoService)
 		return
 	}
+	s.SetWriteDeadline(time.Time{})
 	svc.h(m.streamConn(mc, s))
 }
 
@@ -873,8 +886,11 @@ func (m *Mesh) SendPacket(peer string, b []byte) error {
 	return s.Close()
 }
 
-// Dial opens a stream to service on peer. The connection to peer must
-// exist (see Connect). The returned conn's Close ends both directions.
+// Dial opens a stream to service on peer and waits for the peer to accept
+// it (one round trip); it fails with an error wrapping ErrNoService if
+// nothing listens for service there, and ErrNoPeer if no connection to
+// peer exists (see Connect). The returned conn's Close ends both
+// directions.
 func (m *Mesh) Dial(ctx context.Context, peer, service string) (net.Conn, error) {
 	if service == "" || len(service) > 255 {
 		return nil, fmt.Errorf("%w: service name %q", ErrInvalid, service)
@@ -896,6 +912,23 @@ func (m *Mesh) Dial(ctx context.Context, peer, service string) (net.Conn, error)
 		s.CancelWrite(0)
 		return nil, fmt.Errorf("relay: opening stream to %s: %w", peer, err)
 	}
+	var status [1]byte
+	dl, ok := ctx.Deadline()
+	if !ok {
+		dl = time.Now().Add(2 * headerWait) // the peer answers within headerWait
+	}
+	s.SetReadDeadline(dl)
+	if _, err := io.ReadFull(s, status[:]); err != nil {
+		s.CancelRead(0)
+		s.CancelWrite(0)
+		return nil, fmt.Errorf("relay: opening stream to %s: %w", peer, err)
+	}
+	if status[0] != statusOK {
+		s.CancelRead(0)
+		s.CancelWrite(0)
+		return nil, fmt.Errorf("%w: %q on %s", ErrNoService, service, peer)
+	}
+	s.SetReadDeadline(time.Time{})
 	s.SetWriteDeadline(time.Time{})
 	return m.streamConn(mc, s), nil
 }

@@ -1,0 +1,49 @@
+package relay_test
+
+import (
+	"context"
+	"io"
+	"net"
+	"net/http"
+	"testing"
+	"time"
+)
+
+// TestHTTPOverMesh serves HTTP on a mesh service and reaches it from
+// another node with a plain http.Client whose dialer is the mesh: the
+// building block for proxying requests to circle services.
+func TestHTTPOverMesh(t *testing.T) {
+	a := newMesh(t, "alice", testSecret)
+	b := newMesh(t, "bob", testSecret)
+	l, err := b.Listen("svc:forgejo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, "hello from bob, "+r.URL.Path)
+	})}
+	done := make(chan struct{})
+	go func() { defer close(done); srv.Serve(l) }()
+	defer func() { srv.Close(); <-done }()
+
+	if err := a.Connect(ctxT(t, 5*time.Second), "bob", b.Addr()); err != nil {
+		t.Fatal(err)
+	}
+	tr := &http.Transport{DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+		host, _, _ := net.SplitHostPort(addr)
+		return a.Dial(ctx, host, "svc:forgejo")
+	}}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr, Timeout: 5 * time.Second}
+	for range 3 { // reuses the stream as a keep-alive connection
+		res, err := client.Get("http://bob/repo")
+		if err != nil {
+			t.Fatal(err)
+		}
+		body, _ := io.ReadAll(res.Body)
+		res.Body.Close()
+		if string(body) != "hello from bob, /repo" {
+			t.Fatalf("body %q", body)
+		}
+	}
+}
