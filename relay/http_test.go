@@ -2,11 +2,14 @@ package relay_test
 
 import (
 	"context"
+	"errors"
 	"io"
 	"net"
 	"net/http"
 	"testing"
 	"time"
+
+	"github.com/homecircle/circle/relay"
 )
 
 // TestHTTPOverMesh serves HTTP on a mesh service and reaches it from
@@ -45,5 +48,29 @@ func TestHTTPOverMesh(t *testing.T) {
 		if string(body) != "hello from bob, /repo" {
 			t.Fatalf("body %q", body)
 		}
+	}
+}
+
+func TestDialAnyFailsOver(t *testing.T) {
+	a := newMesh(t, "alice", testSecret)
+	b := newMesh(t, "bob", testSecret)
+	c := newMesh(t, "carol", testSecret)
+	serveEcho(t, c, "svc")
+	for _, m := range []*relay.Mesh{b, c} {
+		if err := a.Connect(ctxT(t, 5*time.Second), m.Name(), m.Addr()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	conn, peer, err := a.DialAny(ctxT(t, 5*time.Second), []string{"dave", "bob", "carol"}, "svc")
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn.Close()
+	if peer != "carol" {
+		t.Fatalf("took %q", peer)
+	}
+	_, _, err = a.DialAny(ctxT(t, 5*time.Second), []string{"dave", "bob"}, "svc")
+	if !errors.Is(err, relay.ErrNoService) || !errors.Is(err, relay.ErrNoPeer) {
+		t.Fatalf("no one offers it: %v", err)
 	}
 }

@@ -933,6 +933,28 @@ func (m *Mesh) Dial(ctx context.Context, peer, service string) (net.Conn, error)
 	return m.streamConn(mc, s), nil
 }
 
+// DialAny opens a stream to service on the first of peers that accepts it,
+// in order, skipping peers without a connection or without the service;
+// it returns the stream and the peer that took it. This is how a request
+// fails over between nodes offering the same service.
+func (m *Mesh) DialAny(ctx context.Context, peers []string, service string) (net.Conn, string, error) {
+	errs := make([]error, 0, len(peers))
+	for _, p := range peers {
+		c, err := m.Dial(ctx, p, service)
+		if err == nil {
+			return c, p, nil
+		}
+		errs = append(errs, err)
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	if len(errs) == 0 {
+		return nil, "", fmt.Errorf("%w: no peers offer %q", ErrNoService, service)
+	}
+	return nil, "", errors.Join(errs...)
+}
+
 // Handle registers h for streams of service (replacing any previous
 // handler; nil removes it). h runs in its own goroutine per stream and owns
 // the conn; it must return once the conn fails, which happens at the latest
