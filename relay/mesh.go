@@ -3,6 +3,7 @@ package relay
 import (
 	"context"
 	"crypto/ed25519"
+	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/binary"
@@ -29,9 +30,12 @@ import (
 //     closes the stream). A malformed header gets the stream reset with
 //     error code 1.
 //   - Unidirectional streams start with version(1) | type(1):
-//     type 1 "hello": len(2, big endian) | JSON {"addr": advertised
-//     address, "via": relay node name or ""}; each side sends one
-//     right after the handshake.
+//     type 1 "hello": len(2, big endian) | JSON {"inc": the sender's
+//     incarnation (random per Mesh), "addr": advertised address,
+//     "via": relay node name if the sender's end is a TURN relay,
+//     "kind": "punched" if the sender punched}; each side sends one
+//     right after the handshake. A hello with a new incarnation closes
+//     older connections from the same peer name (it restarted).
 //     type 2 "packet": the rest of the stream is one packet (at most
 //     64 KiB), used for packets too large for a datagram.
 //   - Datagrams (RFC 9221) carry packets: version(1) | type 2 | packet.
@@ -150,6 +154,7 @@ type Mesh struct {
 	cancel    context.CancelFunc
 	wg        sync.WaitGroup // every goroutine the mesh starts
 	stunMu    sync.Mutex     // serialises Reflexive (one reader of non-QUIC packets)
+	inc       uint64         // this Mesh's incarnation (random), sent in hellos
 
 	mu       sync.Mutex // guards the following
 	closed   bool
@@ -183,6 +188,7 @@ type meshConn struct {
 
 	mu        sync.Mutex // guards the following
 	hello     bool       // the peer's hello arrived
+	inc       uint64     // the peer's incarnation, from its hello
 	kind      PathKind
 	via       string
 	advertise *net.UDPAddr // the peer's advertised address, from its hello
@@ -246,6 +252,9 @@ func NewMesh(cfg MeshConfig) (*Mesh, error) {
 		dialing:  map[string]time.Time{},
 		relays:   map[string]*socket{},
 	}
+	var inc [8]byte
+	rand.Read(inc[:])
+	m.inc = binary.BigEndian.Uint64(inc[:])
 	m.ctx, m.cancel = context.WithCancel(context.Background())
 	sock, err := m.listen(cfg.Conn, cfg.Via, cfg.Via == "")
 	if err != nil {
@@ -506,6 +515,29 @@ func (m *Mesh) register(qc *quic.Conn, name string, dialed bool, sock *socket, k
 	return mc
 }
 
+// closeOtherIncarnations closes, at once, connections to mc's peer from an
+// earlier run of it (another incarnation in their hello): that process is
+// gone, whether or not its connection has timed out yet.
+func (m *Mesh) closeOtherIncarnations(mc *meshConn) {
+	m.mu.Lock()
+	var stale []*meshConn
+	for _, other := range m.conns[mc.peer] {
+		if other == mc || other.seq > mc.seq {
+			continue
+		}
+		other.mu.Lock()
+		if other.hello && other.inc != mc.inc {
+			stale = append(stale, other)
+		}
+		other.mu.Unlock()
+	}
+	m.mu.Unlock()
+	for _, other := range stale {
+		m.log.Debug("mesh: closing connection to an earlier run of the peer", "peer", other.peer)
+		other.qc.CloseWithError(errDuplicate, "peer restarted")
+	}
+}
+
 // retireDuplicates is called once mc's path kind is final (its peer's
 // hello arrived). See duplicateGrace.
 func (m *Mesh) retireDuplicates(mc *meshConn) {
@@ -729,6 +761,7 @@ func (m *Mesh) serveUni(mc *meshConn) {
 }
 
 type hello struct {
+	Inc  uint64   `json:"inc"` // the sender's incarnation: random per Mesh
 	Addr string   `json:"addr"`
 	Via  string   `json:"via,omitempty"`  // the sender's end runs over a relay on this node
 	Kind PathKind `json:"kind,omitempty"` // "punched" when the sender punched this path
@@ -736,7 +769,7 @@ type hello struct {
 
 func (m *Mesh) sendHello(mc *meshConn) error {
 	mc.mu.Lock()
-	h := hello{Addr: m.advertise.String(), Via: mc.sock.via}
+	h := hello{Inc: m.inc, Addr: m.advertise.String(), Via: mc.sock.via}
 	if mc.kind == PathPunched {
 		h.Kind = PathPunched
 	}
@@ -810,8 +843,10 @@ func (m *Mesh) gotHello(mc *meshConn, h hello) {
 	}
 	first := !mc.hello
 	mc.hello = true
+	mc.inc = h.Inc
 	mc.mu.Unlock()
 	if first {
+		m.closeOtherIncarnations(mc)
 		defer m.retireDuplicates(mc)
 	}
 	if err == nil {

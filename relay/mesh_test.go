@@ -349,3 +349,28 @@ func TestMeshReconnectReplacesOld(t *testing.T) {
 	eventually(t, 10*time.Second, "the stale connection to be retired", func() bool { return len(a.Paths()) == 1 })
 	echoOnce(t, a, "bob", "echo", []byte("still"))
 }
+
+// TestMeshRestartedPeerOnOtherSide: the node with the larger name keeps
+// no stale connection to a restarted peer with the smaller name either.
+func TestMeshRestartedPeerOnOtherSide(t *testing.T) {
+	z := newMesh(t, "zoe", testSecret) // larger name: does not retire duplicates
+	conn := listenUDP(t)
+	a1, err := relay.NewMesh(relay.MeshConfig{Name: "alice", Secret: testSecret, Conn: conn})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a1.Connect(ctxT(t, 5*time.Second), "zoe", z.Addr()); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "zoe to see alice", func() bool { return len(z.Paths()) == 1 })
+	conn.Close() // vanish without a word
+	a1.Close()
+	a2 := newMesh(t, "alice", testSecret)
+	if err := a2.Connect(ctxT(t, 5*time.Second), "zoe", z.Addr()); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 5*time.Second, "zoe to drop the stale connection", func() bool {
+		p := z.Paths()
+		return len(p) == 1 && p[0].Remote == a2.Addr().String()
+	})
+}
