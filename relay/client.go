@@ -59,10 +59,12 @@ const DefaultAllocationKeepAlive = 15 * time.Second
 //     get 438 Stale Nonce and are retried with the new nonce (up to 3
 //     times), but a lost retry leaves a long-lived relay on Send
 //     indications, which broke QUIC over TURN elsewhere. The nonce lifetime
-//     is a constant inside pion's server, so our tests cover an allocation
-//     refresh (TestAllocationSurvivesRefresh, with the lifetime shortened
-//     on the wire) but not nonce expiry; the NAT harness should run a
-//     relay for over an hour.
+//     is a constant inside pion's server, so the tests reproduce it on the
+//     wire: TestAllocationSurvivesRefresh and TestMeshOverTURNSurvivesRefresh
+//     shorten the allocation lifetime to 2 s; TestMeshOverTURNStaleNonceAndSendIndications
+//     answers one refresh 438 with a new nonce and every channel bind 438,
+//     so QUIC runs on Send indications only, through several refreshes.
+//     The NAT harness should still run a relay for over an hour.
 //   - Credentials are REST-API style and expire after TTL, refreshes too.
 type Allocation struct {
 	client *turn.Client
