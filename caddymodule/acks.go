@@ -130,8 +130,16 @@ func (s *Storage) startAcker(nodeName string) (stop func()) {
 			}
 		}
 	}
+	// An acknowledged write goes to every alive peer at once, so that they
+	// wait for this node (and it races fairly for locks) as soon as this
+	// storage is used.
 	ready := readyPrefix(nodeName) + randomHex(8)
-	s.node.PutAsync(bucketAcks, ready, []byte(time.Now().UTC().Format(time.RFC3339)))
+	ctx, cancel := context.WithTimeout(context.Background(), ackWriteTimeout)
+	err := s.node.Put(ctx, bucketAcks, ready, []byte(time.Now().UTC().Format(time.RFC3339)))
+	cancel()
+	if err != nil && !errors.Is(err, replicator.ErrAckTimeout) && !errors.Is(err, context.DeadlineExceeded) {
+		s.logger.Warn("announcing acknowledgements", zap.Error(err))
+	}
 	return func() {
 		c1()
 		c2()
@@ -163,11 +171,12 @@ func (s *Storage) writeAck(nodeName string, r replicator.Record) {
 	}
 }
 
-// awaitAllAlive waits until every alive member other than this node holds
-// the record bucket/key at version v or later, until ctx ends or timeout
-// passes. It returns the members still missing (nil when all hold it),
-// whether some member holds a later version than v, and how many members
-// it waited for (0: this node is alone, or no other runs the storage).
+// awaitAllAlive waits until every alive member other than this node that
+// runs the storage holds the record bucket/key at version v or later, until
+// ctx ends or timeout passes. It returns the members still missing (nil
+// when all hold it), whether some member holds a later version than v, and
+// how many alive members there are (running the storage or not; 0: this
+// node is alone).
 func (s *Storage) awaitAllAlive(ctx context.Context, bucket, key string, v replicator.Version, timeout time.Duration) (missing []string, newer bool, peers int) {
 	deadline := time.NewTimer(timeout)
 	defer deadline.Stop()
@@ -180,10 +189,10 @@ func (s *Storage) awaitAllAlive(ctx context.Context, bucket, key string, v repli
 			if m.Name == self || m.State != "alive" {
 				continue
 			}
+			peers++
 			if r, err := s.node.List(bucketAcks, readyPrefix(m.Name)); err != nil || len(r) == 0 {
 				continue // its storage does not run (yet): it cannot acknowledge
 			}
-			peers++
 			rec, err := s.node.Get(bucketAcks, ackKey(m.Name, bucket, key))
 			var a ackRecord
 			if err != nil || json.Unmarshal(rec.Value, &a) != nil {

@@ -522,7 +522,7 @@ func (s *Storage) TryLock(ctx context.Context, name string) (bool, error) {
 	// wins. Wait until every alive node holds our lease (or a later one:
 	// then we lost), leave concurrent leases a moment to arrive, and read
 	// back which one won here.
-	// Alone (no other node running the storage is alive), nobody can race.
+	// Alone (no other node alive), nobody can race.
 	racers := 0
 	if rec, err := s.node.Get(bucketLocks, name); err == nil {
 		missing, newer, peers := s.awaitAllAlive(ctx, bucketLocks, name, rec.Version, min(s.ackWait, time.Duration(s.LockTTL)/3))

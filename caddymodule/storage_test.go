@@ -484,3 +484,71 @@ func TestStorageAllAliveAck(t *testing.T) {
 		}
 	}
 }
+
+// Nodes that take the same lock at the same moment agree on one holder
+// (stable membership): the "one order per name" of a circle starting up.
+func TestStorageLockAcrossNodes(t *testing.T) {
+	ctx := context.Background()
+	ns := openTestCluster(t, "l1", "l2", "l3")
+	key := testSecret(t)
+	var ss []*Storage
+	for _, n := range ns {
+		ss = append(ss, newTestStorage(t, n, key))
+	}
+	waitReady(t, ns)
+	for round := range 5 {
+		name := fmt.Sprintf("issue_cert_round%d.example", round)
+		var wins atomic.Int32
+		var wg sync.WaitGroup
+		start := make(chan struct{})
+		for _, s := range ss {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				<-start
+				ok, err := s.TryLock(ctx, name)
+				if err != nil {
+					t.Error(err)
+				}
+				if ok {
+					wins.Add(1)
+				}
+			}()
+		}
+		close(start)
+		wg.Wait()
+		if w := wins.Load(); w > 1 {
+			t.Fatalf("round %d: %d nodes hold the lock", round, w)
+		}
+		// A lock nobody won (all saw a later lease) is taken on the next try.
+		for _, s := range ss {
+			s.mu.Lock()
+			_, held := s.held[name]
+			s.mu.Unlock()
+			if held {
+				if err := s.Unlock(ctx, name); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+	}
+}
+
+// waitReady waits until every node knows that every storage acknowledges.
+func waitReady(t *testing.T, ns []*replicator.Node) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for _, a := range ns {
+		for _, b := range ns {
+			for {
+				if r, _ := a.List(bucketAcks, readyPrefix(b.Name())); len(r) > 0 {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("%s does not know that %s acknowledges", a.Name(), b.Name())
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+		}
+	}
+}
