@@ -695,6 +695,22 @@ func TestACMECircle(t *testing.T) {
 	}
 	renewed := e.sameSerial(survivors, shortName, old, 30*time.Second)
 	t.Logf("survivors serve the renewed certificate %s, %v after the kill", renewed, time.Since(killAt).Round(time.Millisecond))
+	// The status says which node renewed it: a survivor.
+	waitFor(t, 10*time.Second, "status shows the renewal", func() error {
+		st, err := survivors[0].circleStatus()
+		if err != nil {
+			return err
+		}
+		for _, cert := range st.Certificates {
+			if len(cert.Names) == 1 && cert.Names[0] == shortName && cert.Serial == renewed {
+				if cert.RenewedBy == "" || cert.RenewedBy == killed {
+					return fmt.Errorf("renewed by %q", cert.RenewedBy)
+				}
+				return nil
+			}
+		}
+		return fmt.Errorf("no %s with serial %s in %+v", shortName, renewed, st.Certificates)
+	})
 	e.checkOrders("after the renewal")
 	t.Logf("ACME test took %v", time.Since(start).Round(time.Millisecond))
 }
