@@ -11,12 +11,13 @@ import (
 // streamConn is a mesh stream as a net.Conn.
 type streamConn struct {
 	*quic.Stream
+	peer          string // the peer's node name
 	local, remote net.Addr
 	once          sync.Once
 }
 
 func (m *Mesh) streamConn(mc *meshConn, s *quic.Stream) *streamConn {
-	return &streamConn{Stream: s, local: m.advertise, remote: mc.from()}
+	return &streamConn{Stream: s, peer: mc.peer, local: m.advertise, remote: mc.from()}
 }
 
 func (c *streamConn) LocalAddr() net.Addr  { return c.local }

@@ -29,17 +29,23 @@
 //     relay, kept alive, takes over again when the punched path dies.
 //     Duplicate connections are retired. The wire format is documented at
 //     the top of mesh.go.
+//   - Introductions: PunchVia asks a node both peers reach directly for
+//     the other's public address (the source address it sees) and has it
+//     tell the other to punch back at the same time (introduce.go).
 //   - Transport: a memberlist.NodeAwareTransport over a Mesh that routes
 //     by node name (transport.go); replicator.Config.Transport accepts it,
 //     and the replicator's own streams ride along.
 //
 // # Not yet done (issue 4)
 //
-// TODO(issue 4): the policy that drives the mechanisms: exchange
-// reflexive addresses over gossip and call Punch from both ends (or use
-// pion/ice/v2), keep a relay path to NATed peers, connect to new members
-// over the right path. Today the Transport's automatic connections go over
-// the primary socket to the memberlist address only.
+// TODO(issue 4): the policy that drives the mechanisms (in caddymodule or
+// a small manager here): keep a direct path to every reachable node, a
+// relay allocation where the NAT is symmetric, PunchVia a reachable node
+// towards every other NATed member (retrying, falling back to ConnectVia),
+// reconnect when the home router changes our public port. Today the
+// Transport's automatic connections go over the primary socket to the
+// memberlist address only. pion/ice/v2 was not used: QUIC's own
+// retransmitted Initials do the simultaneous open.
 // TODO(issue 4): re-allocate before credentials expire (DefaultCredentialTTL)
 // and when an allocation fails; fail over to a second relay.
 // TODO(issue 4): proxied HTTP to circle services (a mesh service per

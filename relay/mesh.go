@@ -255,6 +255,7 @@ func NewMesh(cfg MeshConfig) (*Mesh, error) {
 	var inc [8]byte
 	rand.Read(inc[:])
 	m.inc = binary.BigEndian.Uint64(inc[:])
+	m.services[IntroduceService] = &meshService{h: m.serveIntroduce}
 	m.ctx, m.cancel = context.WithCancel(context.Background())
 	sock, err := m.listen(cfg.Conn, cfg.Via, cfg.Via == "")
 	if err != nil {

@@ -197,3 +197,43 @@ func TestPunchThroughFilteringNATs(t *testing.T) {
 		return len(pa) == 1 && pa[0].Kind == relay.PathPunched && len(pb) == 1 && pb[0].Kind == relay.PathPunched
 	})
 }
+
+// TestPunchViaIntroducer: alice and bob, each behind a filtering NAT, both
+// reach r; r introduces them and they punch a direct path.
+func TestPunchViaIntroducer(t *testing.T) {
+	mk := func(name string) *relay.Mesh {
+		m, err := relay.NewMesh(relay.MeshConfig{
+			Name: name, Secret: testSecret,
+			Conn: &filtering{PacketConn: listenUDP(t), sent: map[string]bool{}},
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { m.Close() })
+		return m
+	}
+	r := newMesh(t, "r", testSecret)
+	alice, bob := mk("alice"), mk("bob")
+	serveEcho(t, bob, "echo")
+	if err := alice.PunchVia(ctxT(t, 5*time.Second), "bob", "r"); !errors.Is(err, relay.ErrNoPeer) {
+		t.Fatalf("punch via a node alice has no path to: %v", err)
+	}
+	for _, m := range []*relay.Mesh{alice, bob} {
+		if err := m.Connect(ctxT(t, 5*time.Second), "r", r.Addr()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, 5*time.Second, "r to see both", func() bool { return len(r.Peers()) == 2 })
+	if err := alice.PunchVia(ctxT(t, 5*time.Second), "carol", "r"); err == nil {
+		t.Fatal("introduced to a node r does not know")
+	}
+	if err := alice.PunchVia(ctxT(t, 10*time.Second), "bob", "r"); err != nil {
+		t.Fatal(err)
+	}
+	echoOnce(t, alice, "bob", "echo", []byte("introduced"))
+	eventually(t, 10*time.Second, "one punched path between alice and bob", func() bool {
+		pa, pb := pathOf(alice.Paths(), relay.PathPunched), pathOf(bob.Paths(), relay.PathPunched)
+		return pa != nil && pa.Peer == "bob" && pb != nil && pb.Peer == "alice" &&
+			len(alice.Paths()) == 2 && len(bob.Paths()) == 2
+	})
+}
