@@ -1,8 +1,10 @@
 package integration
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -18,6 +20,8 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+
+	"github.com/homecircle/circle/replicator"
 )
 
 // The ACME test runs a real ACME server (pebble, built from the module
@@ -462,6 +466,13 @@ func (e *acmeEnv) answer(name string) string {
 	return e.ips[target]
 }
 
+// setDead marks a node as down (not a DNS answer, not asked for locks).
+func (e *acmeEnv) setDead(name string, dead bool) {
+	e.mu.Lock()
+	e.dead[name] = dead
+	e.mu.Unlock()
+}
+
 // lockHolder asks the live nodes who holds lock name (its lease's owner).
 func (e *acmeEnv) lockHolder(lock string) string {
 	e.mu.Lock()
@@ -712,7 +723,115 @@ func TestACMECircle(t *testing.T) {
 		return fmt.Errorf("no %s with serial %s in %+v", shortName, renewed, st.Certificates)
 	})
 	e.checkOrders("after the renewal")
+
+	// A corrupted certificate record arrives from the circle: it is
+	// detected (the status marks it), never served (the nodes keep the
+	// valid certificate they hold), and a node that (re)starts obtains the
+	// certificate again instead of failing or serving the bad record.
+	app := "app." + acmeDomain
+	tamper := openTamperNode(t, c.secretFile, survivors)
+	crtKey := ""
+	waitFor(t, 15*time.Second, "tamper node has the certificate", func() error {
+		recs, err := tamper.List("certs", "certificates/")
+		if err != nil {
+			return err
+		}
+		for _, r := range recs {
+			if strings.HasSuffix(r.Key, "/"+app+"/"+app+".crt") {
+				crtKey = r.Key
+				return nil
+			}
+		}
+		return fmt.Errorf("no certificate of %s among %d records", app, len(recs))
+	})
+	rec, err := tamper.Get("certs", crtKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	err = tamper.Put(ctx, "certs", crtKey, rec.Value[:len(rec.Value)/2]) // truncated
+	cancel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 15*time.Second, "status flags the truncated certificate", func() error {
+		for _, n := range survivors {
+			st, err := n.circleStatus()
+			if err != nil {
+				return err
+			}
+			flagged := false
+			for _, cert := range st.Certificates {
+				if cert.Problem != "" && strings.Contains(cert.Problem, "corrupted") {
+					flagged = true
+				}
+			}
+			if !flagged {
+				return fmt.Errorf("%s does not flag it: %+v", n.name, st.Certificates)
+			}
+		}
+		return nil
+	})
+	for _, n := range survivors {
+		if got, err := e.servedSerial(n, app); err != nil || got != serials[app] {
+			t.Fatalf("%s serves %s, %v for %s after the corruption; want the valid %s", n.name, got, err, app, serials[app])
+		}
+	}
+	restarted := survivors[0]
+	e.setDead(restarted.name, true) // pebble is not sent to it while it restarts
+	restarted.kill()
+	e.launch(restarted)
+	restarted.waitUp()
+	e.setDead(restarted.name, false)
+	reissued := e.sameSerial([]*node{restarted}, app, serials[app], 30*time.Second)
+	waitFor(t, 15*time.Second, "status shows the reissued certificate", func() error {
+		st, err := survivors[1].circleStatus()
+		if err != nil {
+			return err
+		}
+		for _, cert := range st.Certificates {
+			if len(cert.Names) == 1 && cert.Names[0] == app {
+				if cert.Problem != "" || cert.Serial != reissued || cert.RenewedBy != restarted.name {
+					return fmt.Errorf("status of %s: %+v", app, cert)
+				}
+				return nil
+			}
+		}
+		return fmt.Errorf("no %s in the status", app)
+	})
+	t.Logf("truncated certificate of %s detected; %s restarted and obtained %s", app, restarted.name, reissued)
 	t.Logf("ACME test took %v", time.Since(start).Round(time.Millisecond))
+}
+
+// openTamperNode joins the circle from the test process as a bare
+// replicator node (no storage, so nobody waits for it), to write records
+// as any member could.
+func openTamperNode(t *testing.T, secretFile string, peers []*node) *replicator.Node {
+	t.Helper()
+	b, err := os.ReadFile(secretFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	secret, err := base64.StdEncoding.DecodeString(strings.TrimSpace(string(b)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := replicator.DefaultConfig()
+	cfg.Name = "tamper"
+	cfg.DataDir = t.TempDir()
+	cfg.Secret = secret
+	cfg.BindAddr = fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	cfg.Replicas = 1
+	cfg.AntiEntropyInterval = time.Second
+	for _, p := range peers {
+		cfg.Join = append(cfg.Join, fmt.Sprintf("127.0.0.1:%d", p.gossip))
+	}
+	n, err := replicator.Open(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { n.Close() })
+	return n
 }
 
 // servedDistributed reports whether a node's log shows it answered a
