@@ -42,12 +42,14 @@ func (r *rebinding) ReadFrom(p []byte) (int, net.Addr, error) {
 	}
 }
 
-func (r *rebinding) WriteTo(p []byte, addr net.Addr) (int, error) { return r.current().WriteTo(p, addr) }
-func (r *rebinding) Close() error                                  { return r.current().Close() }
-func (r *rebinding) LocalAddr() net.Addr                           { return r.current().LocalAddr() }
-func (r *rebinding) SetDeadline(t time.Time) error                 { return r.current().SetDeadline(t) }
-func (r *rebinding) SetReadDeadline(t time.Time) error             { return r.current().SetReadDeadline(t) }
-func (r *rebinding) SetWriteDeadline(t time.Time) error            { return r.current().SetWriteDeadline(t) }
+func (r *rebinding) WriteTo(p []byte, addr net.Addr) (int, error) {
+	return r.current().WriteTo(p, addr)
+}
+func (r *rebinding) Close() error                       { return r.current().Close() }
+func (r *rebinding) LocalAddr() net.Addr                { return r.current().LocalAddr() }
+func (r *rebinding) SetDeadline(t time.Time) error      { return r.current().SetDeadline(t) }
+func (r *rebinding) SetReadDeadline(t time.Time) error  { return r.current().SetReadDeadline(t) }
+func (r *rebinding) SetWriteDeadline(t time.Time) error { return r.current().SetWriteDeadline(t) }
 
 // TestMeshSurvivesNATRebinding: bob's public port changes mid-run; the QUIC
 // connection migrates to the new address (no reconnect).
