@@ -157,7 +157,9 @@ func TestMeshCloseIdempotentAndRefuses(t *testing.T) {
 		t.Fatal(err)
 	}
 	b.Close()
-	eventually(t, 5*time.Second, "alice to notice bob left", func() bool { return len(a.Paths()) == 0 })
+	// CONNECTION_CLOSE tells alice at once; were it lost, the idle
+	// timeout (20 s) would.
+	eventually(t, 25*time.Second, "alice to notice bob left", func() bool { return len(a.Paths()) == 0 })
 	if _, err := b.Listen("x"); !errors.Is(err, relay.ErrClosed) {
 		t.Fatalf("listen on closed mesh: %v", err)
 	}
