@@ -521,8 +521,8 @@ func (s *Storage) TryLock(ctx context.Context, name string) (bool, error) {
 	// Between two concurrent takers the record with the higher version
 	// wins. Wait until every alive node holds our lease (or a later one:
 	// then we lost), leave concurrent leases a moment to arrive, and read
-	// back which one won here.
-	// Alone (no other node alive), nobody can race.
+	// back which one won here. Alone (no other node alive), nobody can race:
+	// no settling.
 	racers := 0
 	if rec, err := s.node.Get(bucketLocks, name); err == nil {
 		missing, newer, peers := s.awaitAllAlive(ctx, bucketLocks, name, rec.Version, min(s.ackWait, time.Duration(s.LockTTL)/3))
