@@ -58,16 +58,22 @@ var (
 func buildPebble(t *testing.T) {
 	t.Helper()
 	pebbleOnce.Do(func() {
+		// Build first: on a fresh machine that downloads the module, which
+		// `go list -m` alone would not (and its Dir would be empty).
+		pebbleBin = filepath.Join(filepath.Dir(caddyBin), "pebble")
+		build := exec.Command("go", "build", "-o", pebbleBin, "github.com/letsencrypt/pebble/v2/cmd/pebble")
+		if b, err := build.CombinedOutput(); err != nil {
+			pebbleErr = fmt.Errorf("building pebble: %v: %s", err, b)
+			return
+		}
 		out, err := exec.Command("go", "list", "-m", "-f", "{{.Dir}}", "github.com/letsencrypt/pebble/v2").Output()
 		if err != nil {
 			pebbleErr = fmt.Errorf("locating the pebble module: %v", err)
 			return
 		}
 		pebbleDir = strings.TrimSpace(string(out))
-		pebbleBin = filepath.Join(filepath.Dir(caddyBin), "pebble")
-		build := exec.Command("go", "build", "-o", pebbleBin, "github.com/letsencrypt/pebble/v2/cmd/pebble")
-		if b, err := build.CombinedOutput(); err != nil {
-			pebbleErr = fmt.Errorf("building pebble: %v: %s", err, b)
+		if pebbleDir == "" {
+			pebbleErr = fmt.Errorf("the pebble module is not in the module cache after building it")
 		}
 	})
 	if pebbleErr != nil {
