@@ -159,6 +159,7 @@ func (n *demoNode) start(exe string) error {
 	n.cmd.Env = append(os.Environ(), "HOME="+home,
 		"XDG_DATA_HOME="+filepath.Join(home, "data"), "XDG_CONFIG_HOME="+filepath.Join(home, "config"))
 	n.cmd.Stdout, n.cmd.Stderr = logf, logf
+	n.cmd.SysProcAttr = demoChildAttr()
 	if err := n.cmd.Start(); err != nil {
 		logf.Close()
 		return fmt.Errorf("starting %s: %v", n.Name, err)

@@ -68,22 +68,34 @@ var (
 // must work on one node and open the demo app on another over TLS that
 // verifies against the printed root, and Ctrl-C must stop everything and
 // remove the demo's files.
-func TestDemo(t *testing.T) {
-	base := demoBasePort(t)
-	cmd := exec.Command(caddyBin, "circle", "demo", "--base-port", fmt.Sprint(base))
+// demoRun is a running `caddy circle demo`.
+type demoRun struct {
+	cmd     *exec.Cmd
+	base    int
+	printed string     // stdout up to "Press Ctrl-C"
+	exited  chan error // receives cmd.Wait's result
+	login   []string   // user, password
+	root    string     // path of the printed root CA
+}
+
+// startDemo runs `caddy circle demo` on free ports and waits until it says
+// it is ready.
+func startDemo(t *testing.T) *demoRun {
+	t.Helper()
+	d := &demoRun{base: demoBasePort(t), exited: make(chan error, 1)}
+	d.cmd = exec.Command(caddyBin, "circle", "demo", "--base-port", fmt.Sprint(d.base))
 	home := t.TempDir()
-	cmd.Env = append(os.Environ(), "HOME="+home, "XDG_DATA_HOME="+filepath.Join(home, "data"),
+	d.cmd.Env = append(os.Environ(), "HOME="+home, "XDG_DATA_HOME="+filepath.Join(home, "data"),
 		"XDG_CONFIG_HOME="+filepath.Join(home, "config"))
-	stdout, err := cmd.StdoutPipe()
+	stdout, err := d.cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
 	}
 	var stderr syncBuffer
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
+	d.cmd.Stderr = &stderr
+	if err := d.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	exited := make(chan error, 1)
 	var out syncBuffer
 	ready := make(chan struct{})
 	go func() {
@@ -96,31 +108,54 @@ func TestDemo(t *testing.T) {
 				signalled = true
 			}
 		}
-		exited <- cmd.Wait()
+		d.exited <- d.cmd.Wait()
 	}()
-	defer func() {
-		if cmd.ProcessState == nil {
-			cmd.Process.Signal(syscall.SIGKILL)
+	t.Cleanup(func() {
+		if d.cmd.ProcessState == nil {
+			d.cmd.Process.Signal(syscall.SIGKILL)
 		}
 		if t.Failed() {
 			t.Logf("demo stdout:\n%s\ndemo stderr:\n%s", out.String(), tail(stderr.String(), 4000))
 		}
-	}()
+	})
 
 	select {
 	case <-ready:
-	case err := <-exited:
+	case err := <-d.exited:
 		t.Fatalf("demo exited before it was ready: %v", err)
 	case <-time.After(90 * time.Second):
 		t.Fatal("demo did not become ready within 90 s")
 	}
-	printed := out.String()
-	m := demoLogin.FindStringSubmatch(printed)
-	r := demoRoot.FindStringSubmatch(printed)
+	d.printed = out.String()
+	m := demoLogin.FindStringSubmatch(d.printed)
+	r := demoRoot.FindStringSubmatch(d.printed)
 	if m == nil || r == nil {
-		t.Fatalf("demo did not print a login and a root CA:\n%s", printed)
+		t.Fatalf("demo did not print a login and a root CA:\n%s", d.printed)
 	}
-	user, pass, rootPath := m[1], m[2], r[1]
+	d.login, d.root = m[1:3], r[1]
+	return d
+}
+
+// adminPortsDown reports an error while any demo admin port answers.
+func (d *demoRun) adminPortsDown() error {
+	for i := 0; i < 3; i++ {
+		if c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", d.base+30+i), time.Second); err == nil {
+			c.Close()
+			return fmt.Errorf("admin port %d still answers", d.base+30+i)
+		}
+	}
+	return nil
+}
+
+// TestDemo runs the README's first command, `caddy circle demo`, as a
+// newcomer would: it must print a login and the root CA, the printed login
+// must work on one node and open the demo app on another over TLS that
+// verifies against the printed root, and Ctrl-C must stop everything and
+// remove the demo's files.
+func TestDemo(t *testing.T) {
+	d := startDemo(t)
+	cmd, base, exited := d.cmd, d.base, d.exited
+	user, pass, rootPath := d.login[0], d.login[1], d.root
 	demoDir := filepath.Dir(rootPath)
 	pem, err := os.ReadFile(rootPath)
 	if err != nil {
@@ -191,10 +226,17 @@ func TestDemo(t *testing.T) {
 	if _, err := os.Stat(demoDir); !os.IsNotExist(err) {
 		t.Errorf("demo directory %s still there after Ctrl-C (%v)", demoDir, err)
 	}
-	for i := 0; i < 3; i++ {
-		if c, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", base+30+i), time.Second); err == nil {
-			c.Close()
-			t.Errorf("admin port %d still answers after Ctrl-C", base+30+i)
-		}
+	if err := d.adminPortsDown(); err != nil {
+		t.Error(err)
 	}
+}
+
+// TestDemoNodesDieWithIt: when the demo process itself is killed (SIGKILL,
+// a closed terminal) and cannot clean up, its three nodes still go away,
+// so no orphan keeps the demo's ports.
+func TestDemoNodesDieWithIt(t *testing.T) {
+	d := startDemo(t)
+	d.cmd.Process.Signal(syscall.SIGKILL)
+	<-d.exited
+	waitFor(t, 15*time.Second, "demo nodes gone after the demo was killed", d.adminPortsDown)
 }
