@@ -53,14 +53,24 @@ const maxBodyBytes = 64 << 10
 //	POST /account/rename        username
 //	POST /account/revoke        sid
 //	POST /account/logout-all    revoke every session of the account
+//	GET  /admin                 for members of the group "admins": accounts, invites
+//	POST /admin/invite          groups, ttl (1d, 3d, 7d); the page shows the invite URL once
+//	POST /admin/groups          id, groups (comma-separated)
+//	POST /admin/disable         id (also revokes the account's sessions)
+//	POST /admin/enable          id
+//	POST /admin/logout-all      id: revoke every session of that account
 //	POST /api/login             JSON {"username","password"}
 //	GET  /api/me                JSON {"username","name","email","groups"} or 401
 //	POST /api/logout            as POST /logout, JSON
 //	GET  /.well-known/jwks.json the circle's public session keys
 //	GET  /                      302 to /account
 //
-// Every other path under /account/ and /api/ is answered 404 by the portal;
-// all remaining paths (e.g. /favicon.ico, /robots.txt, /admin) go to the
+// The /admin pages answer 403 to members outside the group "admins" and
+// send visitors who are not signed in to the login page; an admin cannot
+// disable themself or leave the admins group there.
+//
+// Every other path under /account/, /admin/ and /api/ is answered 404 by the
+// portal; all remaining paths (e.g. /favicon.ico, /robots.txt) go to the
 // next handler, so a site can serve more content next to the portal.
 //
 // Form POSTs need the double-submit CSRF token (the host-only circle_csrf
@@ -197,6 +207,8 @@ type pageData struct {
 	// message
 	Message, Link, LinkText string
 	LogoutForm              bool
+	// admin
+	Admin *adminView
 }
 
 // sessionView is a session as the account page lists it.
@@ -354,6 +366,8 @@ func (p *Portal) ServeHTTP(w http.ResponseWriter, r *http.Request, next caddyhtt
 				Title: p.Title, Heading: "Not found", Message: "There is no such page.",
 				Link: "/account", LinkText: "Go to your account",
 			})
+		case path == "/admin" || strings.HasPrefix(path, "/admin/"):
+			return p.serveAdmin(w, r)
 		default:
 			return next.ServeHTTP(w, r)
 		}
@@ -740,6 +754,12 @@ var accountNotices = map[string]string{
 // signedInAccount returns the session claims and current account of the
 // request, or redirects to the login page and returns false.
 func (p *Portal) signedInAccount(w http.ResponseWriter, r *http.Request) (identity.Claims, identity.Account, bool) {
+	return p.signedInAccountAt(w, r, "/account")
+}
+
+// signedInAccountAt is signedInAccount for the portal page at path: the
+// login page sends the member back there.
+func (p *Portal) signedInAccountAt(w http.ResponseWriter, r *http.Request, path string) (identity.Claims, identity.Account, bool) {
 	c, ok := p.currentSession(r)
 	if ok {
 		a, err := p.ident.Account(c.Subject)
@@ -748,7 +768,7 @@ func (p *Portal) signedInAccount(w http.ResponseWriter, r *http.Request) (identi
 		}
 	}
 	setSecurityHeaders(w.Header())
-	target := portalOrigin(p.domain, r) + "/account"
+	target := portalOrigin(p.domain, r) + path
 	w.Header().Set("Location", "/login?redirect="+url.QueryEscape(target))
 	if r.Method == http.MethodPost {
 		w.WriteHeader(http.StatusSeeOther)

@@ -1077,7 +1077,9 @@ func TestPortalRouting(t *testing.T) {
 		next         bool
 	}{
 		{"GET", "/favicon.ico", 200, true},
-		{"GET", "/admin", 200, true},
+		{"GET", "/robots.txt", 200, true},
+		{"GET", "/admin", 302, false}, // the admin page: sign in first
+		{"GET", "/admin/nope", 404, false},
 		{"GET", "/loginx", 200, true},
 		{"GET", "/api/nope", 404, false},
 		{"GET", "/account/nope", 404, false},
