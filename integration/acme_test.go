@@ -126,6 +126,7 @@ func startPebble(t *testing.T, httpPort, tlsPort int, dnsAddr string) *pebbleCA 
 		stopped: make(chan struct{}),
 	}
 	cmd := exec.Command(pebbleBin, "-config", cfgPath, "-dnsserver", dnsAddr, "-strict=false")
+	cmd.SysProcAttr = dieWithTest()
 	// Real validation (PEBBLE_VA_ALWAYS_VALID unset), without random sleeps
 	// or rejected nonces, and a new validation for every order.
 	cmd.Env = append(os.Environ(), "PEBBLE_VA_NOSLEEP=1", "PEBBLE_WFE_NONCEREJECT=0", "PEBBLE_AUTHZREUSE=0")

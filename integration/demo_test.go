@@ -84,6 +84,7 @@ func startDemo(t *testing.T) *demoRun {
 	t.Helper()
 	d := &demoRun{base: demoBasePort(t), exited: make(chan error, 1)}
 	d.cmd = exec.Command(caddyBin, "circle", "demo", "--base-port", fmt.Sprint(d.base))
+	d.cmd.SysProcAttr = dieWithTest()
 	home := t.TempDir()
 	d.cmd.Env = append(os.Environ(), "HOME="+home, "XDG_DATA_HOME="+filepath.Join(home, "data"),
 		"XDG_CONFIG_HOME="+filepath.Join(home, "config"))

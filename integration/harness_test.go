@@ -295,6 +295,7 @@ func (n *node) launch() {
 		args = []string{"run", "--config", js}
 	}
 	cmd := exec.Command(caddyBin, args...)
+	cmd.SysProcAttr = dieWithTest()
 	home := filepath.Join(n.dir, "home")
 	cmd.Env = append(os.Environ(), "HOME="+home, "XDG_DATA_HOME="+filepath.Join(home, "data"),
 		"XDG_CONFIG_HOME="+filepath.Join(home, "config"))
@@ -530,4 +531,10 @@ func (c *circle) startAll() {
 	for _, name := range c.order {
 		c.nodes[name].waitMembers(len(c.order))
 	}
+}
+
+// dieWithTest makes a child process die with the test binary, even when
+// `go test` kills it on a timeout before any cleanup runs.
+func dieWithTest() *syscall.SysProcAttr {
+	return &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 }
