@@ -245,9 +245,8 @@ func (a *adminAPI) handleInvites(w http.ResponseWriter, r *http.Request, app *Ap
 	if err != nil {
 		return identityError("creating invite", err)
 	}
-	u := url.URL{Scheme: "https", Host: app.portalHost(), Path: "/register", RawQuery: url.Values{"invite": {token}}.Encode()}
 	a.logger.Info("invite created", zap.Strings("groups", req.Groups), zap.Duration("ttl", ttl))
-	return writeJSON(w, http.StatusOK, inviteJSON{URL: u.String(), Expires: time.Now().Add(ttl).UTC().Truncate(time.Second)})
+	return writeJSON(w, http.StatusOK, inviteJSON{URL: inviteLink(app.portalHost(), token), Expires: time.Now().Add(ttl).UTC().Truncate(time.Second)})
 }
 
 func (a *adminAPI) handleRotateKey(w http.ResponseWriter, r *http.Request, app *App) error {
@@ -309,3 +308,10 @@ var (
 	_ caddy.Provisioner = (*adminAPI)(nil)
 	_ caddy.AdminRouter = (*adminAPI)(nil)
 )
+
+// inviteLink is the registration link of an invite token on the portal at
+// host (the domain, with the HTTPS port when it is not 443).
+func inviteLink(host, token string) string {
+	u := url.URL{Scheme: "https", Host: host, Path: "/register", RawQuery: url.Values{"invite": {token}}.Encode()}
+	return u.String()
+}

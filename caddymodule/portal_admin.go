@@ -4,7 +4,6 @@ import (
 	"errors"
 	"html/template"
 	"net/http"
-	"net/url"
 	"slices"
 	"strings"
 	"time"
@@ -187,8 +186,7 @@ func (p *Portal) inviteURL(token string) string {
 	if a := activeApp.Load(); a != nil && a.Domain() == p.domain {
 		host = a.portalHost()
 	}
-	u := url.URL{Scheme: "https", Host: host, Path: "/register", RawQuery: url.Values{"invite": {token}}.Encode()}
-	return u.String()
+	return inviteLink(host, token)
 }
 
 const badGroupsMsg = "Groups are comma-separated names of 1 to 64 characters: letters, digits, dot, dash or underscore, starting with a letter or digit (at most 64 groups)."
