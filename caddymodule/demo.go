@@ -350,7 +350,7 @@ func cmdDemo(fl caddycmd.Flags) (int, error) {
 	if err := alpha.waitUntil(ctx, demoStartTimeout, "creating the demo account", func() error {
 		return adminCall(alpha.adminAddr(), http.MethodPost, "/circle/users", newUserRequest{
 			Username: "demo", Password: password, Name: "Demo Member",
-			Email: "demo@" + demoDomain, Groups: []string{"family"},
+			Email: "demo@" + demoDomain, Groups: []string{"family", "admins"},
 		}, nil)
 	}); err != nil {
 		return caddy.ExitCodeFailedStartup, err
@@ -369,6 +369,8 @@ func cmdDemo(fl caddycmd.Flags) (int, error) {
 	fmt.Printf("Try:         caddy circle status --address %s\n", alpha.adminAddr())
 	fmt.Printf("\nOpen https://app.%s:%d/ , log in, then open the app on the other ports: one login for all.\n",
 		demoDomain, nodes[1].HTTPSPort)
+	fmt.Printf("Your account and sessions: https://%s:%d/account ; invites and members (the demo account is an admin): https://%s:%d/admin\n",
+		demoDomain, nodes[1].HTTPSPort, demoDomain, nodes[1].HTTPSPort)
 	fmt.Println("Press Ctrl-C to stop.")
 
 	// Wait for Ctrl-C or a node dying.
