@@ -6,7 +6,6 @@ import (
 	"errors"
 	"io"
 	"net"
-	"net/netip"
 	"sync"
 	"testing"
 	"time"
@@ -257,20 +256,8 @@ func TestTransportLargePacket(t *testing.T) {
 // relay node's server; alice is reachable. They form a memberlist cluster
 // over the relay, and both report the path as relayed via the relay node.
 func TestMemberlistThroughTURN(t *testing.T) {
-	env := startTURN(t, true, nil)
-	env.setPeers(netip.MustParseAddr("127.0.0.1"))
-	alloc, err := allocate(t, env.addr, testSecret)
-	if err != nil {
-		t.Fatal(err)
-	}
+	env, alloc, carol := meshViaTURN(t, "carol", nil)
 	alice := newMesh(t, "alice", testSecret)
-	carol, err := relay.NewMesh(relay.MeshConfig{
-		Name: "carol", Secret: testSecret, Conn: alloc.PacketConn(), Via: "relay1",
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { carol.Close() })
 	if carol.Addr().String() != alloc.RelayAddr().String() {
 		t.Fatalf("carol advertises %v, relay address is %v", carol.Addr(), alloc.RelayAddr())
 	}

@@ -3,7 +3,6 @@ package relay_test
 import (
 	"bytes"
 	"net"
-	"net/netip"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -130,24 +129,12 @@ func newNonce(t *testing.T, f *turnFaults, server string) string {
 // across allocation refreshes and a stale-nonce answer to one of them.
 func TestMeshOverTURNStaleNonceAndSendIndications(t *testing.T) {
 	var faults *turnFaults
-	env := startTURN(t, true, func(pc net.PacketConn) net.PacketConn {
+	env, _, carol := meshViaTURN(t, "carol", func(pc net.PacketConn) net.PacketConn {
 		faults = &turnFaults{PacketConn: pc}
 		return faults
 	})
-	env.setPeers(netip.MustParseAddr("127.0.0.1"))
-	alloc, err := allocate(t, env.addr, testSecret)
-	if err != nil {
-		t.Fatal(err)
-	}
 	alice := newMesh(t, "alice", testSecret)
 	serveEcho(t, alice, "echo")
-	carol, err := relay.NewMesh(relay.MeshConfig{
-		Name: "carol", Secret: testSecret, Conn: alloc.PacketConn(), Via: "relay1",
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { carol.Close() })
 	if err := carol.Connect(ctxT(t, 5*time.Second), "alice", alice.Addr()); err != nil {
 		t.Fatal(err)
 	}

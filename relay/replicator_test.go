@@ -3,7 +3,6 @@ package relay_test
 import (
 	"bytes"
 	"net"
-	"net/netip"
 	"testing"
 	"time"
 
@@ -15,20 +14,8 @@ import (
 // is a mesh path through a TURN relay: gossip, acknowledged writes (the
 // replicator's own 0xC7 streams) and reads all cross the relay.
 func TestReplicatorOverRelayedMesh(t *testing.T) {
-	env := startTURN(t, true, nil)
-	env.setPeers(netip.MustParseAddr("127.0.0.1"))
-	alloc, err := allocate(t, env.addr, testSecret)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, _, carol := meshViaTURN(t, "carol", nil)
 	alice := newMesh(t, "alice", testSecret)
-	carol, err := relay.NewMesh(relay.MeshConfig{
-		Name: "carol", Secret: testSecret, Conn: alloc.PacketConn(), Via: "relay1",
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { carol.Close() })
 
 	open := func(m *relay.Mesh, join []string) *replicator.Node {
 		tr, err := m.Transport()
@@ -70,24 +57,12 @@ func TestReplicatorOverRelayedMesh(t *testing.T) {
 // allocation whose lifetime is 2 s on the wire through several refreshes.
 func TestMeshOverTURNSurvivesRefresh(t *testing.T) {
 	var shim *shortLifetime
-	env := startTURN(t, true, func(pc net.PacketConn) net.PacketConn {
+	_, _, carol := meshViaTURN(t, "carol", func(pc net.PacketConn) net.PacketConn {
 		shim = &shortLifetime{PacketConn: pc}
 		return shim
 	})
-	env.setPeers(netip.MustParseAddr("127.0.0.1"))
-	alloc, err := allocate(t, env.addr, testSecret)
-	if err != nil {
-		t.Fatal(err)
-	}
 	alice := newMesh(t, "alice", testSecret)
 	serveEcho(t, alice, "echo")
-	carol, err := relay.NewMesh(relay.MeshConfig{
-		Name: "carol", Secret: testSecret, Conn: alloc.PacketConn(), Via: "relay1",
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { carol.Close() })
 	if err := carol.Connect(ctxT(t, 5*time.Second), "alice", alice.Addr()); err != nil {
 		t.Fatal(err)
 	}

@@ -375,3 +375,22 @@ func TestAllocationKeepAlive(t *testing.T) {
 	defer a.Close()
 	eventually(t, 5*time.Second, "keep-alive binding requests", func() bool { return counter.n.Load() >= 3 })
 }
+
+// meshViaTURN starts a TURN server (its socket wrapped by wrap when not nil)
+// that relays for loopback peers, allocates on it with the circle secret and
+// opens a mesh named name whose only socket is that allocation ("relay1").
+func meshViaTURN(t *testing.T, name string, wrap func(net.PacketConn) net.PacketConn) (*turnEnv, *relay.Allocation, *relay.Mesh) {
+	t.Helper()
+	env := startTURN(t, true, wrap)
+	env.setPeers(netip.MustParseAddr("127.0.0.1"))
+	alloc, err := allocate(t, env.addr, testSecret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := relay.NewMesh(relay.MeshConfig{Name: name, Secret: testSecret, Conn: alloc.PacketConn(), Via: "relay1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	return env, alloc, m
+}
