@@ -53,6 +53,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -602,27 +603,27 @@ func (n *Node) run(fn func()) error {
 // ListenPacket opens a packet socket inside the node's namespace.
 func (n *Node) ListenPacket(t testing.TB, network, addr string) net.PacketConn {
 	t.Helper()
-	var c net.PacketConn
-	var err error
-	n.Run(t, func() { c, err = net.ListenPacket(network, addr) })
-	if err != nil {
-		t.Fatalf("netlab: listen in %s: %v", n.Name, err)
-	}
-	t.Cleanup(func() { c.Close() })
-	return c
+	return openIn(t, n, func() (net.PacketConn, error) { return net.ListenPacket(network, addr) })
 }
 
 // Listen opens a stream listener inside the node's namespace.
 func (n *Node) Listen(t testing.TB, network, addr string) net.Listener {
 	t.Helper()
-	var ln net.Listener
+	return openIn(t, n, func() (net.Listener, error) { return net.Listen(network, addr) })
+}
+
+// openIn runs open inside n's namespace and closes what it opened when the
+// test ends. (A socket keeps the namespace it was created in.)
+func openIn[T io.Closer](t testing.TB, n *Node, open func() (T, error)) T {
+	t.Helper()
+	var c T
 	var err error
-	n.Run(t, func() { ln, err = net.Listen(network, addr) })
+	n.Run(t, func() { c, err = open() })
 	if err != nil {
 		t.Fatalf("netlab: listen in %s: %v", n.Name, err)
 	}
-	t.Cleanup(func() { ln.Close() })
-	return ln
+	t.Cleanup(func() { c.Close() })
+	return c
 }
 
 // Public is the address the internet sees for n: a host behind a router has
