@@ -550,3 +550,25 @@ func TestStreamGarbage(t *testing.T) {
 		t.Fatal("node stopped replicating after garbage")
 	}
 }
+
+// TestPutAllReachesEveryAliveNode: with replicas 1, Put returns at once,
+// but PutAll returns only when every alive node holds the record, so each
+// can answer for it right away (read here without any waiting).
+func TestPutAllReachesEveryAliveNode(t *testing.T) {
+	nodes := cluster(t, 3, func(c *Config) { c.Replicas = 1 })
+	ctx := ctxT(t)
+	for i := range 5 {
+		key := fmt.Sprintf("token-%d", i)
+		if err := nodes[i%3].PutAll(ctx, "certs", key, []byte("x")); err != nil {
+			t.Fatal(err)
+		}
+		for _, n := range nodes {
+			if _, err := n.Get("certs", key); err != nil {
+				t.Fatalf("%s lacks %s right after PutAll: %v", n.Name(), key, err)
+			}
+		}
+	}
+	if n := nodes[0].Stats().AckTimeouts; n != 0 {
+		t.Fatalf("%d acknowledgement timeouts", n)
+	}
+}

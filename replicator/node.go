@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log"
 	"log/slog"
+	"math"
 	"math/rand/v2"
 	"strings"
 	"sync"
@@ -339,24 +340,32 @@ func (n *Node) List(bucket, prefix string) ([]Record, error) {
 // here and keeps replicating. In a FirstWriterWins bucket a Put over a live
 // key is ignored (read the key back to learn the winner).
 func (n *Node) Put(ctx context.Context, bucket, key string, value []byte) error {
-	return n.write(ctx, bucket, key, value, false, true)
+	return n.write(ctx, bucket, key, value, false, n.cfg.Replicas)
+}
+
+// PutAll is Put acknowledged by every alive node, whatever
+// Config.Replicas says: for records that any node may be asked for right
+// after the write returns (an ACME challenge token, a lock lease that must
+// meet every concurrent taker). Errors as for Put.
+func (n *Node) PutAll(ctx context.Context, bucket, key string, value []byte) error {
+	return n.write(ctx, bucket, key, value, false, math.MaxInt)
 }
 
 // Delete tombstones bucket/key, with Put's acknowledgement rules. Deleting
 // an absent key stores a tombstone too.
 func (n *Node) Delete(ctx context.Context, bucket, key string) error {
-	return n.write(ctx, bucket, key, nil, true, true)
+	return n.write(ctx, bucket, key, nil, true, n.cfg.Replicas)
 }
 
 // PutAsync stores value under bucket/key (fsynced locally) and replicates
 // it in the background without waiting.
 func (n *Node) PutAsync(bucket, key string, value []byte) error {
-	return n.write(context.Background(), bucket, key, value, false, false)
+	return n.write(context.Background(), bucket, key, value, false, 0)
 }
 
 // DeleteAsync tombstones bucket/key and replicates it in the background.
 func (n *Node) DeleteAsync(bucket, key string) error {
-	return n.write(context.Background(), bucket, key, nil, true, false)
+	return n.write(context.Background(), bucket, key, nil, true, 0)
 }
 
 // Watch calls fn after every change of the winning record of a key in
@@ -372,8 +381,9 @@ func (n *Node) Watch(bucket string, fn func(Record)) (cancel func()) {
 	return func() { once.Do(c) }
 }
 
-// write stores a local change and replicates it.
-func (n *Node) write(ctx context.Context, bucket, key string, value []byte, deleted, wait bool) error {
+// write stores a local change and replicates it, waiting until replicas
+// nodes hold it (or every alive node if fewer are alive); 0: no wait.
+func (n *Node) write(ctx context.Context, bucket, key string, value []byte, deleted bool, replicas int) error {
 	if err := checkKey(bucket, key); err != nil {
 		return err
 	}
@@ -402,8 +412,8 @@ func (n *Node) write(ctx context.Context, bucket, key string, value []byte, dele
 	if len(peers) == 0 {
 		return nil
 	}
-	if wait && min(n.cfg.Replicas, len(peers)+1) > 1 {
-		return n.awaitAcks(ctx, rec, peers)
+	if replicas > 0 && min(replicas, len(peers)+1) > 1 {
+		return n.awaitAcks(ctx, rec, peers, replicas)
 	}
 	if !small {
 		n.pushAsync(rec, peers)

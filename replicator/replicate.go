@@ -101,11 +101,12 @@ func (n *Node) applier() {
 	}
 }
 
-// awaitAcks sends rec to peers and waits until enough nodes hold it.
-func (n *Node) awaitAcks(ctx context.Context, rec Record, peers []*peerRef) error {
+// awaitAcks sends rec to peers and waits until replicas nodes (this one
+// included) hold it, or every alive one if fewer are alive.
+func (n *Node) awaitAcks(ctx context.Context, rec Record, peers []*peerRef, replicas int) error {
 	n.pendingAcks.Add(1)
 	defer n.pendingAcks.Add(-1)
-	need := min(n.cfg.Replicas, len(peers)+1)
+	need := min(replicas, len(peers)+1)
 	results := make(chan error, len(peers))
 	sendCtx, cancel := context.WithTimeout(n.ctx, n.cfg.AckTimeout)
 	var sends sync.WaitGroup
@@ -137,7 +138,7 @@ func (n *Node) awaitAcks(ctx context.Context, rec Record, peers []*peerRef) erro
 				held++
 			case errors.Is(err, errPeerGone):
 				gone++
-				need = min(n.cfg.Replicas, len(peers)+1-gone)
+				need = min(replicas, len(peers)+1-gone)
 			}
 		case <-timer.C:
 			n.ackTimeouts.Add(1)
