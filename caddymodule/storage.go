@@ -78,7 +78,6 @@ type Storage struct {
 	logger     *zap.Logger
 	ackWait    time.Duration // bound of the all-alive acknowledgement wait
 	lockSettle time.Duration // see defaultLockSettle
-	stopAcker  func()        // stops acknowledging changes (nil before init)
 
 	mu   *sync.Mutex       // guards held (a pointer: the module value is copied by CaddyModule)
 	held map[string]*lease // locks this instance holds, by name
@@ -158,17 +157,12 @@ func (s *Storage) init(node *replicator.Node, nodeName string, key []byte) error
 	s.owner = nodeName + "/" + randomHex(8)
 	s.mu = new(sync.Mutex)
 	s.held = make(map[string]*lease)
-	s.stopAcker = s.startAcker(node.Name())
 	return nil
 }
 
 // Cleanup stops the lease refreshers of this instance; leases it still
 // holds then expire on their own.
 func (s *Storage) Cleanup() error {
-	if s.stopAcker != nil {
-		s.stopAcker()
-		s.stopAcker = nil
-	}
 	if s.mu == nil {
 		return nil
 	}
@@ -195,12 +189,6 @@ func (s *Storage) put(ctx context.Context, bucket, key string, value []byte) err
 		return nil
 	}
 	return err
-}
-
-// logWarnMissing logs the alive nodes that did not acknowledge key in time.
-func (s *Storage) logWarnMissing(key string, missing []string) {
-	s.logger.Warn("not every alive node acknowledged the write in time; it keeps replicating",
-		zap.String("key", key), zap.Strings("missing", missing), zap.Duration("waited", s.ackWait))
 }
 
 // del tombstones a record, with put's tolerance for acknowledgement timeouts.
@@ -264,7 +252,7 @@ func (s *Storage) Store(ctx context.Context, key string, value []byte) error {
 	}
 	var err error
 	if needsAllAlive(key) {
-		_, err = s.putAllAlive(ctx, bucketCerts, key, value)
+		err = s.putAll(ctx, bucketCerts, key, value, s.ackWait)
 	} else {
 		err = s.put(ctx, bucketCerts, key, value)
 	}
@@ -519,21 +507,11 @@ func (s *Storage) TryLock(ctx context.Context, name string) (bool, error) {
 		return false, fmt.Errorf("taking lock %s: %w", name, err)
 	}
 	// Between two concurrent takers the record with the higher version
-	// wins. Wait until every alive node holds our lease (or a later one:
-	// then we lost), leave concurrent leases a moment to arrive, and read
-	// back which one won here. Alone (no other node alive), nobody can race:
-	// no settling.
-	racers := 0
-	if rec, err := s.node.Get(bucketLocks, name); err == nil {
-		missing, newer, peers := s.awaitAllAlive(ctx, bucketLocks, name, rec.Version, min(s.ackWait, time.Duration(s.LockTTL)/3))
-		if newer {
-			return false, nil
-		}
-		if len(missing) > 0 {
-			s.logWarnMissing(name, missing)
-		}
-		racers = peers
-	}
+	// wins. writeLease returned once every alive node holds our lease (or
+	// a later one: then we lost); leave concurrent leases a moment to
+	// arrive, and read back which one won here. Alone (no other node
+	// alive), nobody can race: no settling.
+	racers := s.alivePeers()
 	if s.lockSettle > 0 && racers > 0 {
 		t := time.NewTimer(s.lockSettle)
 		select {
@@ -639,7 +617,7 @@ func (s *Storage) writeLease(ctx context.Context, name, token string, ttl time.D
 	if err != nil {
 		return err
 	}
-	return s.put(ctx, bucketLocks, name, b)
+	return s.putAll(ctx, bucketLocks, name, b, min(s.ackWait, ttl/3))
 }
 
 func randomHex(n int) string {
