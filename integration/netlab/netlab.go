@@ -662,10 +662,7 @@ func partRules(other *Node) [][]string {
 // home behind it.
 func (l *Lab) Partition(x, y *Node) {
 	l.t.Helper()
-	key := [2]*Node{x, y}
-	if x.NS > y.NS {
-		key = [2]*Node{y, x}
-	}
+	key := pairKey(x, y)
 	l.mu.Lock()
 	done := l.parts[key]
 	l.parts[key] = true
@@ -680,13 +677,18 @@ func (l *Lab) Partition(x, y *Node) {
 	}
 }
 
+// pairKey is the order-independent key of a partition between x and y.
+func pairKey(x, y *Node) [2]*Node {
+	if x.NS > y.NS {
+		return [2]*Node{y, x}
+	}
+	return [2]*Node{x, y}
+}
+
 // Heal removes a Partition between x and y.
 func (l *Lab) Heal(x, y *Node) {
 	l.t.Helper()
-	key := [2]*Node{x, y}
-	if x.NS > y.NS {
-		key = [2]*Node{y, x}
-	}
+	key := pairKey(x, y)
 	l.mu.Lock()
 	done := l.parts[key]
 	delete(l.parts, key)
