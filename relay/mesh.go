@@ -102,6 +102,11 @@ type MeshConfig struct {
 	// be a specific IP.
 	AdvertiseAddr string
 
+	// TURN is the address (host:port) of this node's TURN server, if it
+	// runs one (a relay); it is sent in hellos so that peers learn where
+	// to allocate. Default: none.
+	TURN string
+
 	// HandshakeTimeout bounds a connection attempt. Default 5s.
 	HandshakeTimeout time.Duration
 
@@ -138,6 +143,7 @@ type PathInfo struct {
 	BytesSent     uint64        // on this connection, QUIC payload bytes
 	BytesReceived uint64
 	Since         time.Time // when the connection was established
+	TURN          string    // the peer's TURN server address, if it runs one (from its hello)
 }
 
 // Mesh is one node's set of authenticated QUIC connections to its peers,
@@ -192,6 +198,7 @@ type meshConn struct {
 	kind      PathKind
 	via       string
 	advertise *net.UDPAddr // the peer's advertised address, from its hello
+	turn      string       // the peer's TURN address, from its hello
 }
 
 // NewMesh starts a mesh on cfg.Conn: it accepts connections from peers at
@@ -766,11 +773,12 @@ type hello struct {
 	Addr string   `json:"addr"`
 	Via  string   `json:"via,omitempty"`  // the sender's end runs over a relay on this node
 	Kind PathKind `json:"kind,omitempty"` // "punched" when the sender punched this path
+	TURN string   `json:"turn,omitempty"` // the sender's TURN server address, if it runs one
 }
 
 func (m *Mesh) sendHello(mc *meshConn) error {
 	mc.mu.Lock()
-	h := hello{Inc: m.inc, Addr: m.advertise.String(), Via: mc.sock.via}
+	h := hello{Inc: m.inc, Addr: m.advertise.String(), Via: mc.sock.via, TURN: m.cfg.TURN}
 	if mc.kind == PathPunched {
 		h.Kind = PathPunched
 	}
@@ -842,6 +850,7 @@ func (m *Mesh) gotHello(mc *meshConn, h hello) {
 	case h.Kind == PathPunched && mc.kind == PathDirect:
 		mc.kind = PathPunched
 	}
+	mc.turn = h.TURN
 	first := !mc.hello
 	mc.hello = true
 	mc.inc = h.Inc
@@ -1046,7 +1055,7 @@ func (m *Mesh) Paths() []PathInfo {
 		out = append(out, PathInfo{
 			Peer: mc.peer, Kind: mc.kind, Via: mc.via, Remote: mc.qc.RemoteAddr().String(),
 			Dialed: mc.dialed, RTT: st.SmoothedRTT, BytesSent: st.BytesSent,
-			BytesReceived: st.BytesReceived, Since: mc.since,
+			BytesReceived: st.BytesReceived, Since: mc.since, TURN: mc.turn,
 		})
 		mc.mu.Unlock()
 	}
