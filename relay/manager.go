@@ -89,7 +89,7 @@ type PeerStatus struct {
 // ManagerStatus is a snapshot for status pages.
 type ManagerStatus struct {
 	NAT         NATKind
-	Public      string // this node's public (server-reflexive) address, if known
+	Public      string            // this node's public (server-reflexive) address, if known
 	Relays      map[string]string // known relays: node name -> TURN address
 	Allocations []AllocationStatus
 	Peers       []PeerStatus // every member, by name
