@@ -29,7 +29,7 @@ type AllocateConfig struct {
 
 	// TTL is how long the derived credentials are valid. The allocation
 	// stops being refreshable after that, so it must be replaced before
-	// (TODO: re-allocate automatically). Default DefaultCredentialTTL.
+	// (the Manager does at 3/4 of it). Default DefaultCredentialTTL.
 	TTL time.Duration
 
 	// KeepAlive is the period of STUN Binding requests to the server that
@@ -152,6 +152,25 @@ func (a *Allocation) keepAlive(period time.Duration) {
 // address on the TURN server; WriteTo creates the TURN permission (and a
 // channel binding) for the destination on first use.
 func (a *Allocation) PacketConn() net.PacketConn { return a.relay }
+
+// CreatePermission asks the TURN server to relay packets from (and to)
+// the IPs of addrs (TURN permissions are per IP: any port of that IP gets
+// through). WriteTo creates them on first use too; this is for letting a
+// peer in before sending to it. A stale nonce is retried.
+func (a *Allocation) CreatePermission(addrs ...net.Addr) error {
+	var err error
+	for range 3 {
+		if err = a.client.CreatePermission(addrs...); err == nil {
+			return nil
+		}
+		select {
+		case <-a.stop:
+			return ErrClosed
+		default:
+		}
+	}
+	return err
+}
 
 // RelayAddr returns the relayed address peers send to.
 func (a *Allocation) RelayAddr() net.Addr { return a.relay.LocalAddr() }

@@ -31,23 +31,31 @@
 //     the top of mesh.go.
 //   - Introductions: PunchVia asks a node both peers reach directly for
 //     the other's public address (the source address it sees) and has it
-//     tell the other to punch back at the same time (introduce.go).
+//     tell the other to punch back at the same time; "observe" tells a node
+//     its own address as another sees it; "relay" has a peer dial our
+//     relayed address on a TURN server from its primary socket. Nodes pass
+//     on the NAT kinds peers report (introduce.go).
 //   - Transport: a memberlist.NodeAwareTransport over a Mesh that routes
 //     by node name (transport.go); replicator.Config.Transport accepts it,
 //     and the replicator's own streams ride along.
+//   - Manager: the path policy (manager.go). It detects this node's NAT
+//     (STUN at a relay's TURN server against the address the relay's mesh
+//     sees), connects to every member direct, else punched, else relayed
+//     (the symmetric side holds TURN allocations on up to two relays, so
+//     failover is immediate, and replaces them before their credentials
+//     expire), keeps punching pairs that are only relayed, and re-punches
+//     when the home router gives us a new public port. PeerIPs feeds
+//     ServerConfig.Peers. pion/ice/v2 was not used: QUIC's own
+//     retransmitted Initials do the simultaneous open.
 //
-// # Not yet done (issue 4)
+// # Not yet done
 //
-// TODO(issue 4): the policy that drives the mechanisms (in caddymodule or
-// a small manager here): keep a direct path to every reachable node, a
-// relay allocation where the NAT is symmetric, PunchVia a reachable node
-// towards every other NATed member (retrying, falling back to ConnectVia),
-// reconnect when the home router changes our public port. Today the
-// Transport's automatic connections go over the primary socket to the
-// memberlist address only. pion/ice/v2 was not used: QUIC's own
-// retransmitted Initials do the simultaneous open.
-// TODO(issue 4): re-allocate before credentials expire (DefaultCredentialTTL)
-// and when an allocation fails; fail over to a second relay.
 // TODO(issue 4): proxied HTTP to circle services (a mesh service per
 // circle service, `reverse_proxy` transport in caddymodule).
+// TODO: the Transport's automatic connections go over the primary socket
+// to the memberlist address only; members behind NAT are reached once the
+// Manager connected them.
+// TODO: an allocation whose refreshes fail is only noticed when the path
+// to its relay drops or at renewal (pion reports refresh failures only in
+// its logs).
 package relay

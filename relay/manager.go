@@ -3,9 +3,13 @@ package relay
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
+	"maps"
 	"net"
 	"net/netip"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 )
@@ -14,9 +18,33 @@ import (
 // mechanism (direct, punched, relayed) connects this node to each member
 // of the circle, keeps those paths up and reports them.
 //
-// NOTE: this file was committed as the API contract first; the policy
-// loop is being filled in (issue 4). Until then NewManager only records
-// its configuration and Status reports the mesh's paths.
+// Every Interval the loop looks at the mesh's paths and, in goroutines of
+// their own (at most one attempt per member at a time, each mechanism with
+// its own backoff growing to maxBackoff):
+//
+//   - NAT detection: with a direct path to a relay X (a peer that sent a
+//     TURN address in its hello), the public address of our primary socket
+//     as X's STUN server sees it is compared with the address X's mesh sees
+//     our connection come from ("observe" introduction). Same address: cone
+//     (or none if it is our own address); different: symmetric. A relay
+//     node (MeshConfig.TURN set) is reachable by definition: none. The
+//     public address is re-checked every publicCheck and the kind
+//     re-measured every remeasure and whenever a path to a relay drops; a
+//     changed public address closes our punched paths (peers send to the
+//     old mapping) and re-punches at once.
+//   - Per member without a live path: direct (Connect to its advertised
+//     address); punched (PunchVia every node we reach directly) unless
+//     either side is symmetric; relayed when we are symmetric (or, as a
+//     fallback, after punching failed repeatedly): our allocation on a
+//     relay X and the "relay" introduction, which has the member dial our
+//     relayed address from its primary socket. A member reached only
+//     through a relay is punched again (with backoff) when neither side is
+//     symmetric, so the pair upgrades.
+//   - Allocations: a node that needs them holds one on each of (up to
+//     maxAllocations) relays it reaches directly, so failover is
+//     immediate; an allocation on a relay we lost our path to is
+//     released, one whose credentials are 3/4 through CredentialTTL is
+//     replaced (new allocation, peers moved over, then the old released).
 
 // Member is one member of the circle as the membership layer (memberlist,
 // through the replicator) knows it.
@@ -52,6 +80,10 @@ type ManagerConfig struct {
 
 	// Logger receives the manager's logs. Default: discard.
 	Logger *slog.Logger
+
+	// ListenPacket opens the local UDP socket of a TURN allocation.
+	// Default: a UDP socket on the mesh socket's IP, any port.
+	ListenPacket func() (net.PacketConn, error)
 }
 
 // NATKind is what the Manager found out about this node's NAT.
@@ -95,16 +127,91 @@ type ManagerStatus struct {
 	Peers       []PeerStatus // every member, by name
 }
 
+// Timings of the policy.
+const (
+	maxBackoff      = 30 * time.Second // cap of every per-peer backoff
+	firstBackoff    = time.Second
+	publicCheck     = 5 * time.Second  // re-check of our public address
+	remeasure       = 30 * time.Second // full NAT re-measurement
+	directTimeout   = 3 * time.Second  // bound on one direct attempt
+	punchFallback   = 3                // failed punches before relaying anyway
+	punchGrace      = 3 * time.Second  // the larger name waits this long before punching too
+	maxAllocations  = 2
+	observeRetries  = 10 // observe until it agrees with STUN (the relay may not have migrated our path yet)
+	observeInterval = 300 * time.Millisecond
+)
+
 // Manager runs the path policy of one node. Every method is safe for
 // concurrent use.
 type Manager struct {
-	cfg ManagerConfig
-	log *slog.Logger
+	cfg    ManagerConfig
+	mesh   *Mesh
+	log    *slog.Logger
+	listen func() (net.PacketConn, error)
+	relay  bool // this node runs a TURN server itself
 
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
+	wake   chan struct{}
+	once   sync.Once
+
+	mu         sync.Mutex // guards the following
+	nat        NATKind
+	public     netip.AddrPort
+	publicAt   string // the STUN server public was measured with
+	natBusy    bool
+	measuredAt time.Time // last full measurement (or failed attempt)
+	checkedAt  time.Time // last public address check
+	measureNow bool      // re-measure at the next tick
+	relays     map[string]string
+	allocs     map[string]*managedAlloc // by relay name
+	allocBusy  map[string]bool
+	allocNext  map[string]*backoff
+	peers      map[string]*peerState
+	gen        int
+	closed     bool
 }
+
+// managedAlloc is an allocation the Manager holds, added to the mesh as a
+// relay socket under key.
+type managedAlloc struct {
+	relay, server, key string
+	a                  *Allocation
+	since, expires     time.Time
+}
+
+// peerState is the policy's state for one member.
+type peerState struct {
+	busy                 bool
+	upgrade              bool               // the attempt in flight is for a member reached through a relay
+	cancel               context.CancelFunc // of the attempt in flight
+	direct, punch, relay backoff
+	punchFails           int
+	needSince            time.Time // since when the member lacks a non-relayed path
+	lastErr              string
+}
+
+// backoff spaces attempts of one kind: due once next has passed.
+type backoff struct {
+	next time.Time
+	d    time.Duration
+}
+
+func (b *backoff) due(now time.Time) bool { return !now.Before(b.next) }
+
+func (b *backoff) fail(now time.Time) {
+	switch {
+	case b.d == 0:
+		b.d = firstBackoff
+	case b.d < maxBackoff:
+		b.d *= 2
+	}
+	b.d = min(b.d, maxBackoff)
+	b.next = now.Add(b.d)
+}
+
+func (b *backoff) reset() { *b = backoff{} }
 
 // NewManager starts the policy loop for cfg.Mesh.
 func NewManager(cfg ManagerConfig) (*Manager, error) {
@@ -121,50 +228,658 @@ func NewManager(cfg ManagerConfig) (*Manager, error) {
 		cfg.CredentialTTL = DefaultCredentialTTL
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Manager{cfg: cfg, log: orDiscard(cfg.Logger), ctx: ctx, cancel: cancel}, nil
+	m := &Manager{
+		cfg: cfg, mesh: cfg.Mesh, log: orDiscard(cfg.Logger).With("node", cfg.Mesh.Name()),
+		listen: cfg.ListenPacket, relay: cfg.Mesh.cfg.TURN != "",
+		ctx: ctx, cancel: cancel, wake: make(chan struct{}, 1),
+		nat: NATUnknown, relays: map[string]string{}, allocs: map[string]*managedAlloc{},
+		allocBusy: map[string]bool{}, allocNext: map[string]*backoff{}, peers: map[string]*peerState{},
+	}
+	if m.listen == nil {
+		host := "0.0.0.0"
+		if ua, ok := cfg.Mesh.primary.conn.LocalAddr().(*net.UDPAddr); ok && ua.IP != nil && !ua.IP.IsUnspecified() {
+			host = ua.IP.String()
+		}
+		m.listen = func() (net.PacketConn, error) { return net.ListenPacket("udp", net.JoinHostPort(host, "0")) }
+	}
+	if m.relay {
+		m.nat = NATNone
+		if ap, err := netip.ParseAddrPort(cfg.Mesh.advertise.String()); err == nil {
+			m.public = ap
+		}
+		cfg.Mesh.setNAT(NATNone)
+	}
+	m.wg.Add(1)
+	go m.run()
+	return m, nil
+}
+
+func (m *Manager) run() {
+	defer m.wg.Done()
+	t := time.NewTicker(m.cfg.Interval)
+	defer t.Stop()
+	for {
+		m.tick()
+		select {
+		case <-m.ctx.Done():
+			return
+		case <-t.C:
+		case <-m.wake:
+		}
+	}
+}
+
+// poke runs the loop again soon.
+func (m *Manager) poke() {
+	select {
+	case m.wake <- struct{}{}:
+	default:
+	}
+}
+
+// spawn runs f in a goroutine Close waits for, unless closed.
+func (m *Manager) spawn(f func()) bool {
+	if m.ctx.Err() != nil {
+		return false
+	}
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		f()
+	}()
+	return true
+}
+
+func (m *Manager) members() []Member {
+	var out []Member
+	self := m.mesh.Name()
+	for _, mem := range m.cfg.Members() {
+		if mem.Name != "" && mem.Name != self {
+			out = append(out, mem)
+		}
+	}
+	return out
+}
+
+// tick is one round of the policy.
+func (m *Manager) tick() {
+	if m.ctx.Err() != nil {
+		return
+	}
+	now := time.Now()
+	paths := m.mesh.Paths()
+	byPeer := map[string][]PathInfo{}
+	relays := map[string]string{}
+	for _, p := range paths {
+		byPeer[p.Peer] = append(byPeer[p.Peer], p)
+		if p.TURN != "" && p.Kind == PathDirect {
+			relays[p.Peer] = p.TURN
+		}
+	}
+	members := m.members()
+
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for name := range m.relays {
+		if _, ok := relays[name]; !ok {
+			m.log.Debug("manager: lost the path to a relay", "relay", name)
+			m.measureNow = true
+		}
+	}
+	m.relays = relays
+
+	// NAT detection.
+	if !m.relay && !m.natBusy && len(relays) > 0 {
+		full := m.measureNow || m.nat == NATUnknown && now.Sub(m.measuredAt) >= m.cfg.Interval ||
+			now.Sub(m.measuredAt) >= remeasure
+		if full || now.Sub(m.checkedAt) >= publicCheck {
+			m.natBusy = true
+			m.measureNow = false
+			relaysCopy := maps.Clone(relays)
+			if !m.spawn(func() { m.measure(relaysCopy, full) }) {
+				m.natBusy = false
+			}
+		}
+	}
+
+	// Allocations.
+	wantAllocs := m.nat == NATSymmetric
+	for _, ps := range m.peers {
+		if ps.punchFails >= punchFallback {
+			wantAllocs = true
+		}
+	}
+	for name, ma := range m.allocs {
+		if _, ok := relays[name]; !ok && !m.allocBusy[name] {
+			m.log.Info("manager: releasing the allocation on a lost relay", "relay", name)
+			delete(m.allocs, name)
+			m.spawn(func() {
+				m.release(ma)
+				m.poke()
+			})
+			continue
+		}
+		renewAt := ma.since.Add(ma.expires.Sub(ma.since) * 3 / 4)
+		if bo := m.allocNext[name]; bo != nil && !bo.due(now) {
+			continue
+		}
+		if !now.Before(renewAt) && !m.allocBusy[name] {
+			m.allocBusy[name] = true
+			if !m.spawn(func() { m.allocate(name, ma.server, ma) }) {
+				m.allocBusy[name] = false
+			}
+		}
+	}
+	if wantAllocs {
+		n := len(m.allocs)
+		for _, name := range slices.Sorted(maps.Keys(relays)) {
+			if n >= maxAllocations {
+				break
+			}
+			if m.allocs[name] != nil {
+				continue
+			}
+			if m.allocBusy[name] {
+				n++
+				continue
+			}
+			bo := m.allocNext[name]
+			if bo == nil {
+				bo = &backoff{}
+				m.allocNext[name] = bo
+			}
+			if !bo.due(now) {
+				continue
+			}
+			n++
+			m.allocBusy[name] = true
+			server := relays[name]
+			if !m.spawn(func() { m.allocate(name, server, nil) }) {
+				m.allocBusy[name] = false
+			}
+		}
+	}
+
+	// Introducers: nodes we reach over a direct path.
+	var introducers []string
+	for peer, ps := range byPeer {
+		for _, p := range ps {
+			if p.Kind == PathDirect {
+				introducers = append(introducers, peer)
+				break
+			}
+		}
+	}
+	slices.Sort(introducers)
+	var allocs []*managedAlloc
+	for _, name := range slices.Sorted(maps.Keys(m.allocs)) {
+		allocs = append(allocs, m.allocs[name])
+	}
+
+	// Members.
+	seen := map[string]bool{}
+	self := m.mesh.Name()
+	for _, mem := range members {
+		seen[mem.Name] = true
+		ps := m.peers[mem.Name]
+		if ps == nil {
+			ps = &peerState{}
+			m.peers[mem.Name] = ps
+		}
+		live := byPeer[mem.Name]
+		relayedOnly := len(live) > 0
+		nonRelayed := false
+		for _, p := range live {
+			if p.Kind != PathRelayed {
+				nonRelayed = true
+			}
+		}
+		if nonRelayed {
+			if !ps.busy {
+				ps.direct.reset()
+				ps.punch.reset()
+				ps.relay.reset()
+				ps.punchFails = 0
+			}
+			ps.needSince = time.Time{}
+			ps.lastErr = ""
+			continue
+		}
+		theirs := m.mesh.natOf(mem.Name)
+		canPunch := m.nat != NATSymmetric && theirs != NATSymmetric
+		if relayedOnly {
+			ps.lastErr = ""
+		}
+		if ps.needSince.IsZero() {
+			ps.needSince = now
+		}
+		if ps.busy {
+			if ps.upgrade && !relayedOnly {
+				// The relayed path died under an upgrade attempt: start
+				// over, relaying first.
+				ps.cancel()
+			}
+			continue
+		}
+		var punchVia []string
+		for _, in := range introducers {
+			if in != mem.Name {
+				punchVia = append(punchVia, in)
+			}
+		}
+		doDirect := ps.direct.due(now)
+		doPunch := canPunch && len(punchVia) > 0 && ps.punch.due(now) &&
+			(self < mem.Name || now.Sub(ps.needSince) >= punchGrace)
+		holder := !relayedOnly && (m.nat == NATSymmetric || theirs != NATSymmetric && ps.punchFails >= punchFallback)
+		doRelay := holder && len(allocs) > 0 && ps.relay.due(now)
+		if !doDirect && !doPunch && !doRelay {
+			continue
+		}
+		// A direct attempt that failed before goes last, so that it does
+		// not hold up the mechanisms that work (it takes directTimeout
+		// to fail).
+		directLast := ps.direct.d > 0
+		ctx, cancel := context.WithCancel(m.ctx)
+		ps.busy, ps.upgrade, ps.cancel = true, relayedOnly, cancel
+		mem := mem
+		if !m.spawn(func() { m.attempt(ctx, mem, ps, doDirect, directLast, doPunch, doRelay, punchVia, allocs) }) {
+			ps.busy = false
+			cancel()
+		}
+	}
+	for name, ps := range m.peers {
+		if !seen[name] && !ps.busy {
+			delete(m.peers, name)
+		}
+	}
+}
+
+// attempt tries to connect to mem: direct, then punched, then relayed, as
+// the flags say; each failure backs off that mechanism.
+func (m *Manager) attempt(ctx context.Context, mem Member, ps *peerState, doDirect, directLast, doPunch, doRelay bool, introducers []string, allocs []*managedAlloc) {
+	var errs []error
+	defer func() {
+		m.mu.Lock()
+		if ctx.Err() != nil && m.ctx.Err() == nil {
+			defer m.poke() // cancelled by tick: go again
+		}
+		ps.cancel()
+		ps.busy = false
+		if len(errs) > 0 {
+			ps.lastErr = errors.Join(errs...).Error()
+		}
+		m.mu.Unlock()
+	}()
+	hs := m.mesh.cfg.HandshakeTimeout
+	ok := func(what string) {
+		m.log.Debug("manager: connected", "peer", mem.Name, "how", what)
+		errs = nil
+	}
+	direct := func() bool {
+		err := func() error {
+			addr, err := net.ResolveUDPAddr("udp", mem.Addr)
+			if err != nil {
+				return err
+			}
+			ctx, cancel := context.WithTimeout(ctx, min(hs, directTimeout))
+			defer cancel()
+			return m.mesh.Connect(ctx, mem.Name, addr)
+		}()
+		m.mu.Lock()
+		if err == nil {
+			ps.direct.reset()
+		} else {
+			ps.direct.fail(time.Now())
+		}
+		m.mu.Unlock()
+		if err == nil {
+			ok("direct")
+			return true
+		}
+		errs = append(errs, fmt.Errorf("direct: %w", err))
+		return false
+	}
+	if doDirect && !directLast && direct() {
+		return
+	}
+	if ctx.Err() != nil {
+		return
+	}
+	if doPunch {
+		var err error
+		for _, in := range introducers {
+			pctx, cancel := context.WithTimeout(ctx, 2*hs)
+			err = m.mesh.PunchVia(pctx, mem.Name, in)
+			cancel()
+			if err == nil || ctx.Err() != nil {
+				break
+			}
+		}
+		m.mu.Lock()
+		if err == nil {
+			ps.punch.reset()
+			ps.punchFails = 0
+		} else {
+			ps.punch.fail(time.Now())
+			ps.punchFails++
+		}
+		m.mu.Unlock()
+		if err == nil {
+			ok("punched")
+			return
+		}
+		errs = append(errs, fmt.Errorf("punch: %w", err))
+	}
+	if ctx.Err() != nil {
+		return
+	}
+	if doRelay {
+		var err error
+		for _, ma := range allocs {
+			if ma.relay == mem.Name {
+				continue
+			}
+			if err = m.relayTo(ctx, ma, mem.Name); err == nil || ctx.Err() != nil {
+				break
+			}
+		}
+		m.mu.Lock()
+		if err == nil {
+			ps.relay.reset()
+		} else {
+			ps.relay.fail(time.Now())
+		}
+		m.mu.Unlock()
+		if err == nil {
+			ok("relayed")
+			return
+		}
+		errs = append(errs, fmt.Errorf("relay: %w", err))
+	}
+	if doDirect && directLast && ctx.Err() == nil {
+		direct()
+	}
+}
+
+// relayTo has peer dial our relayed address on ma and waits for the
+// connection to show up on ma's socket.
+func (m *Manager) relayTo(ctx context.Context, ma *managedAlloc, peer string) error {
+	hs := m.mesh.cfg.HandshakeTimeout
+	ctx, cancel := context.WithTimeout(ctx, 2*hs)
+	defer cancel()
+	err := m.mesh.requestRelay(ctx, ma.relay, peer, ma.a.RelayAddr(), func(addr net.Addr) error {
+		return ma.a.CreatePermission(addr)
+	})
+	if err != nil {
+		return err
+	}
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for !m.mesh.relayPeers(ma.key)[peer] {
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("relay: %s did not connect through %s", peer, ma.relay)
+		case <-t.C:
+		}
+	}
+	return nil
+}
+
+// allocate creates an allocation on relay name (TURN server at server)
+// and adds it to the mesh; if old is not nil it replaces old: the peers
+// connected over old are moved to the new allocation, then old is
+// released.
+func (m *Manager) allocate(name, server string, old *managedAlloc) {
+	ma, err := m.newAlloc(name, server)
+	m.mu.Lock()
+	m.allocBusy[name] = false
+	bo := m.allocNext[name]
+	if bo == nil {
+		bo = &backoff{}
+		m.allocNext[name] = bo
+	}
+	if err != nil {
+		bo.fail(time.Now())
+		m.mu.Unlock()
+		m.log.Warn("manager: allocation failed", "relay", name, "server", server, "err", err)
+		return
+	}
+	bo.reset()
+	if m.closed || m.ctx.Err() != nil || old != nil && m.allocs[name] != old {
+		m.mu.Unlock()
+		m.release(ma)
+		return
+	}
+	if old != nil {
+		// Keep renewing from being retried while peers move.
+		m.allocBusy[name] = true
+	}
+	m.allocs[name] = ma
+	m.mu.Unlock()
+	m.log.Info("manager: allocated", "relay", name, "relayed", ma.a.RelayAddr().String(), "renewal", old != nil)
+	if old == nil {
+		m.poke()
+		return
+	}
+	for peer := range m.mesh.relayPeers(old.key) {
+		if err := m.relayTo(m.ctx, ma, peer); err != nil {
+			m.log.Warn("manager: moving a peer to the renewed allocation", "peer", peer, "relay", name, "err", err)
+		}
+	}
+	m.release(old)
+	m.mu.Lock()
+	m.allocBusy[name] = false
+	m.mu.Unlock()
+}
+
+func (m *Manager) newAlloc(name, server string) (*managedAlloc, error) {
+	conn, err := m.listen()
+	if err != nil {
+		return nil, err
+	}
+	now := time.Now()
+	a, err := Allocate(AllocateConfig{
+		Conn: conn, Server: server, Secret: m.cfg.Secret, Node: m.mesh.Name(),
+		TTL: m.cfg.CredentialTTL, Logger: m.cfg.Logger,
+	})
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	m.gen++
+	key := fmt.Sprintf("%s#%d", name, m.gen)
+	m.mu.Unlock()
+	if err := m.mesh.addRelay(key, name, a.PacketConn()); err != nil {
+		a.Close()
+		return nil, err
+	}
+	return &managedAlloc{relay: name, server: server, key: key, a: a, since: now, expires: now.Add(m.cfg.CredentialTTL)}, nil
+}
+
+// release stops using an allocation and frees it.
+func (m *Manager) release(ma *managedAlloc) {
+	m.mesh.removeRelay(ma.key)
+	ma.a.Close()
+}
+
+// measure finds our public address (STUN at a relay's TURN server) and,
+// if full or it changed, our NAT kind (comparing it with the address the
+// relay's mesh sees).
+func (m *Manager) measure(relays map[string]string, full bool) {
+	defer func() {
+		m.mu.Lock()
+		m.natBusy = false
+		m.mu.Unlock()
+	}()
+	names := slices.Sorted(maps.Keys(relays))
+	if len(names) == 0 {
+		return
+	}
+	via := names[0]
+	ctx, cancel := context.WithTimeout(m.ctx, 2*ReflexiveTimeout)
+	defer cancel()
+	pub, err := m.mesh.Reflexive(ctx, relays[via])
+	now := time.Now()
+	if err != nil {
+		m.mu.Lock()
+		m.checkedAt = now
+		if full {
+			m.measuredAt = now
+		}
+		m.mu.Unlock()
+		m.log.Debug("manager: stun failed", "relay", via, "err", err)
+		return
+	}
+	m.mu.Lock()
+	prev, prevAt := m.public, m.publicAt
+	m.checkedAt = now
+	m.mu.Unlock()
+	// Behind a symmetric NAT every server sees another port: compare
+	// measurements with the same server only.
+	sameServer := prevAt == relays[via]
+	changed := prev.IsValid() && sameServer && prev != pub
+	if !full && !changed && sameServer {
+		return
+	}
+	if changed {
+		n := m.mesh.closePunched()
+		m.log.Info("manager: public address changed", "old", prev.String(), "new", pub.String(), "punched_closed", n)
+	}
+	kind := NATSymmetric
+	if own(m.mesh, pub) {
+		kind = NATNone
+	} else {
+		tries := 2
+		if changed {
+			tries = observeRetries
+		}
+		for i := 0; i < tries; i++ {
+			obs, _, err := m.mesh.observe(ctx, via)
+			if err == nil && obs == pub {
+				kind = NATCone
+				break
+			}
+			if err != nil {
+				m.log.Debug("manager: observe failed", "relay", via, "err", err)
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(observeInterval):
+			}
+		}
+	}
+	m.mesh.setNAT(kind)
+	// Tell the other relays our kind (and learn theirs).
+	for _, r := range names[1:] {
+		m.mesh.observe(ctx, r)
+	}
+	m.mu.Lock()
+	if kind != m.nat {
+		m.log.Info("manager: NAT", "kind", kind, "public", pub.String())
+	}
+	m.nat, m.public, m.publicAt = kind, pub, relays[via]
+	m.measuredAt = time.Now()
+	if changed {
+		for _, ps := range m.peers {
+			ps.direct.reset()
+			ps.punch.reset()
+			ps.relay.reset()
+			ps.needSince = time.Time{}
+		}
+		if kind == NATSymmetric {
+			// Our allocations' mappings may have changed too.
+			for _, ma := range m.allocs {
+				ma.expires = ma.since
+			}
+		}
+	}
+	m.mu.Unlock()
+	m.poke()
+}
+
+// own reports whether ap is the mesh's own (local or advertised) address.
+func own(mesh *Mesh, ap netip.AddrPort) bool {
+	for _, a := range []net.Addr{mesh.primary.conn.LocalAddr(), mesh.advertise} {
+		if x, err := netip.ParseAddrPort(a.String()); err == nil && netip.AddrPortFrom(x.Addr().Unmap(), x.Port()) == ap {
+			return true
+		}
+	}
+	return false
 }
 
 // Status reports the NAT, allocations and the path to every member.
 func (m *Manager) Status() ManagerStatus {
-	paths := m.cfg.Mesh.Paths()
-	st := ManagerStatus{NAT: NATUnknown, Relays: map[string]string{}}
-	for _, mem := range m.cfg.Members() {
+	paths := m.mesh.Paths()
+	members := m.members()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	st := ManagerStatus{NAT: m.nat, Relays: maps.Clone(m.relays)}
+	if m.public.IsValid() {
+		st.Public = m.public.String()
+	}
+	for _, name := range slices.Sorted(maps.Keys(m.allocs)) {
+		ma := m.allocs[name]
+		st.Allocations = append(st.Allocations, AllocationStatus{
+			Relay: ma.relay, Server: ma.server, RelayAddr: ma.a.RelayAddr().String(),
+			Since: ma.since, Expires: ma.expires,
+		})
+	}
+	slices.SortFunc(members, func(a, b Member) int { return strings.Compare(a.Name, b.Name) })
+	for _, mem := range members {
 		ps := PeerStatus{Name: mem.Name}
 		for _, p := range paths {
 			if p.Peer == mem.Name {
 				ps.Paths = append(ps.Paths, p)
 			}
 		}
-		if len(ps.Paths) > 0 {
-			ps.Path, ps.Connected = ps.Paths[0], true
+		if best := bestPath(ps.Paths); best != nil {
+			ps.Path, ps.Connected = *best, true
+		} else if st := m.peers[mem.Name]; st != nil {
+			ps.LastError = st.lastErr
 		}
 		st.Peers = append(st.Peers, ps)
 	}
 	return st
 }
 
-// PeerIPs returns the public IPs of the peers this node has direct (not
-// relayed) connections with: the only addresses this node's TURN server
-// may relay to (ServerConfig.Peers). Fast and non-blocking.
-func (m *Manager) PeerIPs() []netip.Addr {
-	var out []netip.Addr
-	for _, p := range m.cfg.Mesh.Paths() {
-		if p.Kind == PathRelayed {
-			continue
-		}
-		if ap, err := netip.ParseAddrPort(p.Remote); err == nil {
-			out = append(out, ap.Addr().Unmap())
+// bestPath is the path the mesh sends on: direct before punched before
+// relayed, newest first.
+func bestPath(ps []PathInfo) *PathInfo {
+	rank := map[PathKind]int{PathDirect: 0, PathPunched: 1, PathRelayed: 2}
+	var best *PathInfo
+	for i := range ps {
+		p := &ps[i]
+		if best == nil || rank[p.Kind] < rank[best.Kind] || rank[p.Kind] == rank[best.Kind] && !p.Since.Before(best.Since) {
+			best = p
 		}
 	}
-	return out
+	return best
+}
+
+// PeerIPs returns the public IPs of the peers this node has direct or
+// punched (not relayed) connections with, as this node sees them: the
+// only addresses this node's TURN server may relay to
+// (ServerConfig.Peers). Fast and non-blocking: it reads the mesh's
+// connection table, no network.
+func (m *Manager) PeerIPs() []netip.Addr {
+	return m.mesh.directIPs()
 }
 
 // Close stops the policy loop and releases the allocations. The mesh
-// stays up.
+// stays up. It is idempotent.
 func (m *Manager) Close() error {
-	m.cancel()
-	m.wg.Wait()
+	m.once.Do(func() {
+		m.cancel()
+		m.wg.Wait()
+		m.mu.Lock()
+		m.closed = true
+		allocs := m.allocs
+		m.allocs = map[string]*managedAlloc{}
+		m.mu.Unlock()
+		for _, ma := range allocs {
+			m.release(ma)
+		}
+	})
 	return nil
 }
-
-var _ = net.ParseIP

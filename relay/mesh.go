@@ -169,8 +169,10 @@ type Mesh struct {
 	services map[string]*meshService       // by service name
 	packets  func(from net.Addr, b []byte) // packet sink (the Transport), or nil
 	dialing  map[string]time.Time          // peer -> start of the last automatic connect
-	relays   map[string]*socket            // relay sockets by the relaying node's name
+	relays   map[string]*socket            // relay sockets by key (AddRelay: the relaying node's name)
 	seq      uint64                        // last connection sequence number
+	selfNAT  NATKind                       // this node's NAT kind, as the Manager measured it
+	nats     map[string]NATKind            // peers' NAT kinds, as they reported them
 }
 
 // socket is one of the mesh's sockets with its QUIC transport.
@@ -258,6 +260,7 @@ func NewMesh(cfg MeshConfig) (*Mesh, error) {
 		services: map[string]*meshService{},
 		dialing:  map[string]time.Time{},
 		relays:   map[string]*socket{},
+		nats:     map[string]NATKind{},
 	}
 	var inc [8]byte
 	rand.Read(inc[:])
@@ -307,11 +310,17 @@ func (s *socket) close() error {
 // reported as relayed via that node. The Allocation keeps owning conn;
 // RemoveRelay or Close stop using it.
 func (m *Mesh) AddRelay(via string, conn net.PacketConn) error {
-	if via == "" || conn == nil {
+	return m.addRelay(via, via, conn)
+}
+
+// addRelay adds a relay socket under key (the Manager holds two
+// allocations on one relay while it replaces one).
+func (m *Mesh) addRelay(key, via string, conn net.PacketConn) error {
+	if via == "" || key == "" || conn == nil {
 		return fmt.Errorf("%w: add relay: node name and conn are required", ErrInvalid)
 	}
 	m.mu.Lock()
-	_, dup := m.relays[via]
+	_, dup := m.relays[key]
 	m.mu.Unlock()
 	if dup || via == m.primary.via {
 		return fmt.Errorf("%w: add relay: already have a relay via %q", ErrInvalid, via)
@@ -321,7 +330,7 @@ func (m *Mesh) AddRelay(via string, conn net.PacketConn) error {
 		return err
 	}
 	m.mu.Lock()
-	if m.closed || m.relays[via] != nil {
+	if m.closed || m.relays[key] != nil {
 		closed := m.closed
 		m.mu.Unlock()
 		sock.close()
@@ -330,7 +339,7 @@ func (m *Mesh) AddRelay(via string, conn net.PacketConn) error {
 		}
 		return fmt.Errorf("%w: add relay: already have a relay via %q", ErrInvalid, via)
 	}
-	m.relays[via] = sock
+	m.relays[key] = sock
 	m.mu.Unlock()
 	return nil
 }
@@ -338,6 +347,11 @@ func (m *Mesh) AddRelay(via string, conn net.PacketConn) error {
 // RemoveRelay closes the connections over the relay via and stops using
 // its conn (which it does not close).
 func (m *Mesh) RemoveRelay(via string) error {
+	return m.removeRelay(via)
+}
+
+// removeRelay is RemoveRelay by key (see addRelay).
+func (m *Mesh) removeRelay(via string) error {
 	m.mu.Lock()
 	sock := m.relays[via]
 	delete(m.relays, via)
@@ -409,7 +423,7 @@ func (m *Mesh) acceptLoop(sock *socket) {
 			qc.CloseWithError(errClosing, "no peer name")
 			continue
 		}
-		m.register(qc, name, false, sock, "")
+		m.register(qc, name, false, sock, "", "")
 	}
 }
 
@@ -419,7 +433,7 @@ func (m *Mesh) acceptLoop(sock *socket) {
 // ErrAuth if the node at addr cannot prove it holds the circle secret or is
 // not peer.
 func (m *Mesh) Connect(ctx context.Context, peer string, addr net.Addr) error {
-	_, err := m.connect(ctx, peer, addr, m.primary, "")
+	_, err := m.connect(ctx, peer, addr, m.primary, "", "")
 	return err
 }
 
@@ -433,7 +447,7 @@ func (m *Mesh) ConnectVia(ctx context.Context, peer, via string, addr net.Addr) 
 	if sock == nil {
 		return fmt.Errorf("%w: no relay via %q", ErrInvalid, via)
 	}
-	_, err := m.connect(ctx, peer, addr, sock, "")
+	_, err := m.connect(ctx, peer, addr, sock, "", "")
 	return err
 }
 
@@ -443,16 +457,30 @@ func (m *Mesh) ConnectVia(ctx context.Context, peer, via string, addr net.Addr) 
 // Initial packets (retransmitted by QUIC) open its own NAT's mapping for
 // the other. The connection runs over the mesh's primary socket and is
 // reported as punched on both ends; it is preferred over relayed paths.
-// If both attempts succeed the duplicate is retired.
+// If both attempts succeed the duplicate is retired. An existing punched
+// path is reused only if it goes to addr (after a peer's public port
+// changed, its old punched path is dead even if it has not timed out).
 func (m *Mesh) Punch(ctx context.Context, peer string, addr net.Addr) error {
 	if peer == "" {
 		return fmt.Errorf("%w: punch: peer name is required", ErrInvalid)
 	}
-	_, err := m.connect(ctx, peer, addr, m.primary, PathPunched)
+	_, err := m.connect(ctx, peer, addr, m.primary, PathPunched, "")
 	return err
 }
 
-func (m *Mesh) connect(ctx context.Context, peer string, addr net.Addr, sock *socket, kind PathKind) (*meshConn, error) {
+// connectRelayed dials addr, peer's relayed address on via's TURN server,
+// from the primary socket: the path is reported as relayed via that node
+// (the peer holds the allocation; see the "relay" introduction). An
+// existing connection to the same address is reused.
+func (m *Mesh) connectRelayed(ctx context.Context, peer, via string, addr net.Addr) error {
+	if peer == "" || via == "" {
+		return fmt.Errorf("%w: connect relayed: peer and relay names are required", ErrInvalid)
+	}
+	_, err := m.connect(ctx, peer, addr, m.primary, PathRelayed, via)
+	return err
+}
+
+func (m *Mesh) connect(ctx context.Context, peer string, addr net.Addr, sock *socket, kind PathKind, via string) (*meshConn, error) {
 	if peer == m.cfg.Name {
 		return nil, fmt.Errorf("%w: connect: %q is this node", ErrInvalid, peer)
 	}
@@ -460,7 +488,7 @@ func (m *Mesh) connect(ctx context.Context, peer string, addr net.Addr, sock *so
 		peer = m.nameFor(addr.String())
 	}
 	if peer != "" {
-		if mc := m.existing(peer, sock, kind); mc != nil {
+		if mc := m.existing(peer, sock, kind, addr); mc != nil {
 			return mc, nil
 		}
 	}
@@ -485,7 +513,7 @@ func (m *Mesh) connect(ctx context.Context, peer string, addr net.Addr, sock *so
 		qc.CloseWithError(errClosing, "no peer name")
 		return nil, fmt.Errorf("%w: %w", ErrAuth, err)
 	}
-	mc := m.register(qc, name, true, sock, kind)
+	mc := m.register(qc, name, true, sock, kind, via)
 	if mc == nil {
 		return nil, ErrClosed
 	}
@@ -497,13 +525,13 @@ func (m *Mesh) connect(ctx context.Context, peer string, addr net.Addr, sock *so
 
 // register adds an established connection and starts serving it. It
 // returns nil (and closes qc) if the mesh is closed.
-func (m *Mesh) register(qc *quic.Conn, name string, dialed bool, sock *socket, kind PathKind) *meshConn {
+func (m *Mesh) register(qc *quic.Conn, name string, dialed bool, sock *socket, kind PathKind, via string) *meshConn {
 	mc := &meshConn{qc: qc, sock: sock, peer: name, dialed: dialed, since: time.Now(), kind: PathDirect}
 	switch {
 	case sock.via != "":
 		mc.kind, mc.via = PathRelayed, sock.via
 	case kind != "":
-		mc.kind = kind
+		mc.kind, mc.via = kind, via
 	}
 	m.mu.Lock()
 	if m.closed {
@@ -678,20 +706,32 @@ func (m *Mesh) best(peer string) *meshConn {
 	return best
 }
 
-// existing returns a live connection to peer over sock, of kind if that
-// is not empty (for the primary socket: direct or punched; a punched
-// attempt reuses a direct path too, as it is at least as good), or nil.
-func (m *Mesh) existing(peer string, sock *socket, kind PathKind) *meshConn {
+// existing returns a live connection to peer over sock that an attempt
+// of kind to addr can reuse, or nil. On a relay socket any connection
+// does. On the primary socket: a direct one always (it is at least as
+// good); a punched one for a plain or punched attempt, the latter only if
+// it goes to addr; a relayed one (to a peer's relayed address) only for a
+// relayed attempt to the same address.
+func (m *Mesh) existing(peer string, sock *socket, kind PathKind, addr net.Addr) *meshConn {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	for _, mc := range m.conns[peer] {
 		if mc.sock != sock || mc.qc.Context().Err() != nil {
 			continue
 		}
+		if sock.via != "" {
+			return mc
+		}
 		mc.mu.Lock()
 		k := mc.kind
 		mc.mu.Unlock()
-		if kind == "" || k == kind || k == PathDirect {
+		sameAddr := addr != nil && mc.qc.RemoteAddr().String() == addr.String()
+		switch {
+		case k == PathDirect && kind != PathRelayed:
+			return mc
+		case k == PathPunched && (kind == "" || kind == PathPunched && sameAddr):
+			return mc
+		case k == PathRelayed && kind == PathRelayed && sameAddr:
 			return mc
 		}
 	}

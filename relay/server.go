@@ -9,8 +9,20 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/pion/transport/v2"
+	"github.com/pion/transport/v2/stdnet"
 	"github.com/pion/turn/v2"
 )
+
+// listenNet is pion's standard network with ServerConfig.ListenPacket.
+type listenNet struct {
+	*stdnet.Net
+	listen func(network, address string) (net.PacketConn, error)
+}
+
+func (n listenNet) ListenPacket(network, address string) (net.PacketConn, error) {
+	return n.listen(network, address)
+}
 
 // DefaultRealm is the TURN realm used when ServerConfig.Realm is empty.
 const DefaultRealm = "circle"
@@ -42,6 +54,12 @@ type ServerConfig struct {
 	// it must be fast, must not block and must be safe for concurrent use.
 	// Default: no peers (nothing is relayed).
 	Peers func() []netip.Addr
+
+	// ListenPacket opens the relay sockets of allocations (network "udp4"
+	// or "udp", address RelayBindAddress:port). It is called from pion's
+	// goroutines. Default net.ListenPacket. (Tests set it to open sockets
+	// inside a network namespace.)
+	ListenPacket func(network, address string) (net.PacketConn, error)
 
 	// Realm is the TURN realm. Default DefaultRealm.
 	Realm string
@@ -98,6 +116,14 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	}
 	cfg.Logger = orDiscard(cfg.Logger)
 	s := &Server{cfg: cfg, own: ownAddrs(cfg)}
+	var tnet transport.Net
+	if cfg.ListenPacket != nil {
+		std, err := stdnet.NewNet()
+		if err != nil {
+			return nil, fmt.Errorf("relay: turn server network: %w", err)
+		}
+		tnet = listenNet{Net: std, listen: cfg.ListenPacket}
+	}
 	ts, err := turn.NewServer(turn.ServerConfig{
 		Realm:         cfg.Realm,
 		LoggerFactory: pionLogs{cfg.Logger},
@@ -113,6 +139,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 			RelayAddressGenerator: &turn.RelayAddressGeneratorStatic{
 				RelayAddress: cfg.RelayAddress,
 				Address:      cfg.RelayBindAddress,
+				Net:          tnet,
 			},
 			PermissionHandler: s.permit,
 		}},

@@ -121,7 +121,7 @@ func (t *Transport) WriteToAddress(b []byte, a memberlist.Address) (time.Time, e
 		if err != nil {
 			return
 		}
-		mc, err := t.m.connect(t.m.ctx, name, addr, t.m.primary, "")
+		mc, err := t.m.connect(t.m.ctx, name, addr, t.m.primary, "", "")
 		if err != nil {
 			t.m.log.Debug("mesh: automatic connect failed", "peer", a.String(), "err", err)
 			return
@@ -152,7 +152,7 @@ func (t *Transport) DialAddressTimeout(a memberlist.Address, timeout time.Durati
 		if err != nil {
 			return nil, fmt.Errorf("%w: address %q: %w", ErrInvalid, a.Addr, err)
 		}
-		mc, err := t.m.connect(ctx, name, addr, t.m.primary, "")
+		mc, err := t.m.connect(ctx, name, addr, t.m.primary, "", "")
 		if err != nil {
 			return nil, err
 		}

@@ -1,0 +1,230 @@
+package relay_test
+
+import (
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/homecircle/circle/relay"
+	"go.uber.org/goleak"
+)
+
+// fullMeshWithin bounds how long the base topology may take to settle.
+const fullMeshWithin = 30 * time.Second
+
+func checkNAT(t *testing.T, c *circle, kinds map[string]relay.NATKind) {
+	t.Helper()
+	for name, k := range kinds {
+		c.mu.Lock()
+		n := c.nodes[name]
+		c.mu.Unlock()
+		if st := n.mgr.Status(); st.NAT != k {
+			t.Errorf("%s: NAT %s, want %s (public %s)", name, st.NAT, k, st.Public)
+		}
+	}
+}
+
+// TestManagerNATLab: the topology. a and b (cone NATs) punch a
+// path to each other, c (symmetric NAT) is relayed through r to both,
+// everyone reaches r directly; streams work over every path.
+func TestManagerNATLab(t *testing.T) {
+	c, inet := newCircle(t)
+	start := time.Now()
+	hosts := baseTopology(c, inet, nil)
+	took := c.waitPaths(fullMeshWithin, "full mesh", basePaths("r"))
+	t.Logf("full mesh %v after the managers started (%v with the lab)", took, time.Since(start))
+	checkNAT(t, c, map[string]relay.NATKind{"r": relay.NATNone, "a": relay.NATCone, "b": relay.NATCone, "c": relay.NATSymmetric})
+	st := c.nodes["c"].mgr.Status()
+	if len(st.Allocations) != 1 || st.Allocations[0].Relay != "r" || st.Relays["r"] != "198.18.0.10:3478" {
+		t.Errorf("c: relays %v, allocations %+v", st.Relays, st.Allocations)
+	}
+	if pub := c.nodes["a"].mgr.Status().Public; pub != "198.18.0.20:7000" {
+		t.Errorf("a's public address %q", pub)
+	}
+	c.echoAll(basePaths("r"))
+
+	// r's TURN server relays to exactly the circle's public addresses.
+	ips := map[netip.Addr]bool{}
+	for _, ip := range c.nodes["r"].mgr.PeerIPs() {
+		ips[ip] = true
+	}
+	for _, h := range []string{"homeA", "homeB", "homeC"} {
+		if !ips[hosts[h].Addr] {
+			t.Errorf("r's PeerIPs %v lack %s", ips, hosts[h].Addr)
+		}
+	}
+	// Status reports every member, best path first.
+	for _, ps := range c.nodes["a"].mgr.Status().Peers {
+		if !ps.Connected || len(ps.Paths) == 0 {
+			t.Errorf("a: %+v", ps)
+		}
+	}
+}
+
+// TestManagerRelayFailover: c holds allocations on two relays; when the
+// one carrying its paths goes away, its paths to a and b come back
+// through the other.
+func TestManagerRelayFailover(t *testing.T) {
+	c, inet := newCircle(t)
+	baseTopology(c, inet, nil)
+	c.waitPaths(fullMeshWithin, "full mesh", basePaths("r"))
+
+	r2 := c.lab.Host(inet, "r2", "198.18.0.11")
+	c.add("r2", r2, nodeOpts{relay: true})
+	eventually(t, 20*time.Second, "c to hold allocations on r and r2", func() bool {
+		return len(c.nodes["c"].mgr.Status().Allocations) == 2
+	})
+	c.waitPaths(10*time.Second, "everyone direct to r2", []want{
+		{"a", "r2", relay.PathDirect, ""}, {"b", "r2", relay.PathDirect, ""}, {"c", "r2", relay.PathDirect, ""},
+	})
+	c.echoAll(basePaths("r"))
+
+	start := time.Now()
+	c.remove(c.nodes["r"])
+	took := c.waitPaths(20*time.Second, "c relayed via r2", []want{
+		{"c", "a", relay.PathRelayed, "r2"},
+		{"c", "b", relay.PathRelayed, "r2"},
+		{"a", "b", relay.PathPunched, ""},
+	})
+	t.Logf("failover to r2 took %v", took)
+	c.echoAll([]want{{"c", "a", relay.PathRelayed, "r2"}, {"c", "b", relay.PathRelayed, "r2"}})
+	eventually(t, 10*time.Second, "c to release its allocation on r", func() bool {
+		st := c.nodes["c"].mgr.Status()
+		return len(st.Allocations) == 1 && st.Allocations[0].Relay == "r2"
+	})
+	t.Logf("failover complete (streams checked, allocation released) after %v", time.Since(start))
+}
+
+// TestManagerPortChange: a's home router forgets its mappings and hands
+// out new public ports; a is reconnected to b (punched again) and c
+// within 30 s.
+func TestManagerPortChange(t *testing.T) {
+	c, inet := newCircle(t)
+	hosts := baseTopology(c, inet, nil)
+	c.waitPaths(fullMeshWithin, "full mesh", basePaths("r"))
+	a := c.nodes["a"]
+	before := a.mgr.Status().Public
+
+	start := time.Now()
+	hosts["homeA"].ChangeMapping()
+	var after string
+	eventually(t, 30*time.Second, "a reconnected to b and c at its new public address", func() bool {
+		after = a.mgr.Status().Public
+		if after == before || after == "" {
+			return false
+		}
+		if c.check(basePaths("r")) != "" {
+			return false
+		}
+		// b's punched path to a goes to a's new address.
+		p, _ := c.nodes["b"].best("a")
+		if p.Remote != after {
+			return false
+		}
+		for _, peer := range []string{"b", "c"} {
+			if tryEcho(a.mesh, peer, []byte("after the port change")) != nil ||
+				tryEcho(c.nodes[peer].mesh, "a", []byte("after the port change")) != nil {
+				return false
+			}
+		}
+		return true
+	})
+	t.Logf("a's public address %s -> %s; reconnected after %v", before, after, time.Since(start))
+}
+
+// TestManagerCredentialRenewal: with 8 s credentials c replaces its
+// allocation every 6 s; its relayed paths survive, streams keep working.
+func TestManagerCredentialRenewal(t *testing.T) {
+	c, inet := newCircle(t)
+	ttl := 8 * time.Second
+	baseTopology(c, inet, map[string]nodeOpts{"c": {ttl: ttl}})
+	c.waitPaths(fullMeshWithin, "full mesh", basePaths("r"))
+	cn := c.nodes["c"]
+	first := cn.mgr.Status().Allocations[0]
+	seen := map[string]bool{first.RelayAddr: true}
+	deadline := time.Now().Add(3 * ttl)
+	for len(seen) < 3 {
+		if time.Now().After(deadline) {
+			c.dump()
+			t.Fatalf("only %d allocations in %v", len(seen), 3*ttl)
+		}
+		for _, peer := range []string{"a", "b"} {
+			// One retry: a stream may start on the old allocation's
+			// connection just as it is released.
+			if err := tryEcho(cn.mesh, peer, []byte("renewal")); err != nil {
+				if err := tryEcho(cn.mesh, peer, []byte("renewal")); err != nil {
+					c.dump()
+					t.Fatalf("c -> %s during renewal: %v", peer, err)
+				}
+			}
+		}
+		for _, al := range cn.mgr.Status().Allocations {
+			seen[al.RelayAddr] = true
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	c.waitPaths(10*time.Second, "relayed paths after renewals", basePaths("r"))
+	c.echoAll([]want{{"c", "a", relay.PathRelayed, "r"}, {"c", "b", relay.PathRelayed, "r"}})
+	st := cn.mgr.Status()
+	if len(st.Allocations) != 1 || st.Allocations[0].Since.Equal(first.Since) {
+		t.Fatalf("allocations %+v", st.Allocations)
+	}
+}
+
+// TestManagerLoopback: two nodes on loopback, one a relay: direct path,
+// NAT none on both, Close is idempotent and leaves no goroutines.
+func TestManagerLoopback(t *testing.T) {
+	opts := goleak.IgnoreCurrent()
+	func() {
+		turnPC := listenUDP(t)
+		rMesh, err := relay.NewMesh(relay.MeshConfig{Name: "r", Secret: testSecret, Conn: listenUDP(t), TURN: turnPC.LocalAddr().String()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		aMesh, err := relay.NewMesh(relay.MeshConfig{Name: "a", Secret: testSecret, Conn: listenUDP(t)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		rMgr, err := relay.NewManager(relay.ManagerConfig{Mesh: rMesh, Secret: testSecret, Interval: 100 * time.Millisecond,
+			Members: func() []relay.Member { return []relay.Member{{Name: "a", Addr: aMesh.Addr().String()}} }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv, err := relay.NewServer(relay.ServerConfig{Secret: testSecret, PacketConn: turnPC, RelayAddress: net.IPv4(127, 0, 0, 1), Peers: rMgr.PeerIPs})
+		if err != nil {
+			t.Fatal(err)
+		}
+		aMgr, err := relay.NewManager(relay.ManagerConfig{Mesh: aMesh, Secret: testSecret, Interval: 100 * time.Millisecond,
+			Members: func() []relay.Member { return []relay.Member{{Name: "r", Addr: rMesh.Addr().String()}} }})
+		if err != nil {
+			t.Fatal(err)
+		}
+		eventually(t, 10*time.Second, "direct path and NAT none", func() bool {
+			p, ok := bestOf(aMgr, "r")
+			st := aMgr.Status()
+			return ok && p.Kind == relay.PathDirect && st.NAT == relay.NATNone && st.Public == aMesh.Addr().String() &&
+				st.Relays["r"] == turnPC.LocalAddr().String() && rMgr.Status().NAT == relay.NATNone
+		})
+		if ips := rMgr.PeerIPs(); len(ips) != 1 || ips[0] != netip.MustParseAddr("127.0.0.1") {
+			t.Errorf("r's PeerIPs %v", ips)
+		}
+		for _, m := range []*relay.Manager{aMgr, rMgr} {
+			m.Close()
+			m.Close()
+		}
+		srv.Close()
+		aMesh.Close()
+		rMesh.Close()
+	}()
+	goleak.VerifyNone(t, opts)
+}
+
+func bestOf(m *relay.Manager, peer string) (relay.PathInfo, bool) {
+	for _, ps := range m.Status().Peers {
+		if ps.Name == peer {
+			return ps.Path, ps.Connected
+		}
+	}
+	return relay.PathInfo{}, false
+}
