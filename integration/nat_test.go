@@ -327,9 +327,10 @@ func TestNATAttacker(t *testing.T) {
 	turnAddr := fmt.Sprintf("198.18.0.10:%d", natTURN)
 	x := l.ns["x"]
 
-	// With the circle's secret an allocation works (the server is up), but
-	// it relays neither to r's loopback nor to r's LAN, although both
-	// answer from inside r.
+	// With the circle's secret an allocation works and relays to a circle
+	// peer's public address (a's router, with a port opened for the
+	// purpose: the control), but neither to r's loopback nor to r's LAN,
+	// although both answer from inside r.
 	alloc, err := relay.Allocate(relay.AllocateConfig{
 		Conn: x.ListenPacket(t, "udp4", natClient+":0"), Server: turnAddr, Secret: l.secret, Node: "x",
 	})
@@ -337,6 +338,14 @@ func TestNATAttacker(t *testing.T) {
 		t.Fatalf("allocation with the circle secret: %v", err)
 	}
 	defer alloc.Close()
+	homeA := l.ns["homeA"]
+	peerEcho := homeA.ListenPacket(t, "udp4", homeA.Addr.String()+":0")
+	go udpEcho(peerEcho)
+	port := fmt.Sprint(peerEcho.LocalAddr().(*net.UDPAddr).Port)
+	shIn(t, "ip", "netns", "exec", homeA.NS, "iptables", "-w", "-I", "INPUT", "1", "-i", "eth0", "-p", "udp", "--dport", port, "-j", "ACCEPT")
+	waitEvery(t, 10*time.Second, 200*time.Millisecond, "relaying to a circle peer's address", func() error {
+		return udpRoundTrip(alloc.PacketConn(), peerEcho.LocalAddr(), time.Second)
+	})
 	for _, target := range []net.PacketConn{loEcho, lanEcho} {
 		addr := target.LocalAddr().String()
 		var direct net.PacketConn
@@ -367,7 +376,7 @@ func TestNATAttacker(t *testing.T) {
 	// and gets no account.
 	rogue.launch()
 	rogue.waitUp()
-	deadline := time.Now().Add(15 * time.Second)
+	deadline := time.Now().Add(10 * time.Second)
 	for time.Now().Before(deadline) {
 		for _, n := range []*natNode{r, l.nodes["a"]} {
 			st := n.mustStatus()
@@ -463,8 +472,12 @@ func TestNATPortChange(t *testing.T) {
 		recovered = time.Since(changed)
 		return nil
 	})
+	after := a.mustStatus().Mesh.Public
 	t.Logf("a back in the circle %v after its public port changed (public %q before, %q after)",
-		recovered.Round(time.Millisecond), before, a.mustStatus().Mesh.Public)
+		recovered.Round(time.Millisecond), before, after)
+	if after == before {
+		t.Errorf("a's status still shows its old public address %q", before)
+	}
 	if recovered > 30*time.Second {
 		t.Errorf("a took %v to come back, want within 30 s", recovered.Round(time.Millisecond))
 	}
