@@ -15,6 +15,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -39,6 +40,12 @@ func TestMain(m *testing.M) {
 	case "relay":
 		if err := relayMain(); err != nil {
 			fmt.Fprintln(os.Stderr, "meshbench relay:", err)
+			os.Exit(1)
+		}
+		os.Exit(0)
+	case "node":
+		if err := nodeMain(); err != nil {
+			fmt.Fprintln(os.Stderr, "meshbench node:", err)
 			os.Exit(1)
 		}
 		os.Exit(0)
@@ -148,6 +155,34 @@ func relayMain() error {
 type child struct {
 	cmd   *exec.Cmd
 	stdin io.WriteCloser
+	ready string      // the rest of its "ready" line
+	lines chan string // every line it prints after "ready", until it exits
+	mu    sync.Mutex  // serialises send
+}
+
+// send writes one command line to the child's stdin.
+func (c *child) send(line string) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	_, err := io.WriteString(c.stdin, line+"\n")
+	return err
+}
+
+// stop closes the child's stdin (it exits) and waits for it, killing it
+// after 5 s.
+func (c *child) stop() {
+	c.mu.Lock()
+	c.stdin.Close()
+	c.mu.Unlock()
+	done := make(chan struct{})
+	go func() { c.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		fmt.Fprintf(os.Stderr, "meshbench: child %d did not exit within 5 s of its stdin closing; killed\n", c.cmd.Process.Pid)
+		c.cmd.Process.Kill()
+		<-done
+	}
 }
 
 // startChild runs the test binary with role inside n's namespace and waits
@@ -173,29 +208,31 @@ func startChild(t *testing.T, n *netlab.Node, role string, env ...string) *child
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	c := &child{cmd: cmd, stdin: stdin}
-	t.Cleanup(func() {
-		stdin.Close()
-		done := make(chan struct{})
-		go func() { cmd.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			cmd.Process.Kill()
-			<-done
-		}
-	})
+	c := &child{cmd: cmd, stdin: stdin, lines: make(chan string, 4096)}
+	var once sync.Once
+	t.Cleanup(func() { once.Do(c.stop) })
 	ready := make(chan error, 1)
 	go func() {
+		defer close(c.lines)
 		sc := bufio.NewScanner(stdout)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
 		for sc.Scan() {
-			if sc.Text() == "ready" {
+			if rest, ok := strings.CutPrefix(sc.Text(), "ready"); ok {
+				c.ready = strings.TrimSpace(rest)
 				ready <- nil
-				io.Copy(io.Discard, stdout)
-				return
+				break
 			}
 		}
-		ready <- fmt.Errorf("%s exited before it was ready", role)
+		for sc.Scan() {
+			select {
+			case c.lines <- sc.Text():
+			default: // nobody reads this child's lines
+			}
+		}
+		select {
+		case ready <- fmt.Errorf("%s exited before it was ready", role):
+		default:
+		}
 	}()
 	select {
 	case err := <-ready:
