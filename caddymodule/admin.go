@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/homecircle/circle/identity"
+	"github.com/homecircle/circle/relay"
 )
 
 func init() {
@@ -30,7 +31,8 @@ const maxAdminBody = 1 << 20
 // adminAPI is `admin.api.circle`, the circle's endpoints on Caddy's admin
 // API (what the `caddy circle` subcommands talk to):
 //
-//	GET  /circle/status      node, members, replication, role, certificates, locks
+//	GET  /circle/status      node, members, replication, role, certificates, locks,
+//	                         mesh (nat, relays, allocations, per-peer paths), services
 //	POST /circle/users       {"username","password","name","email","groups"} -> 201 account
 //	POST /circle/invites     {"groups","ttl"} -> {"url","expires"}; url is
 //	                         https://<domain>[:https_port]/register?invite=TOKEN
@@ -113,15 +115,120 @@ type statusJSON struct {
 	Certificates []certJSON `json:"certificates"`
 	// Locks are the storage's lock leases (certificate issuance, ARI...).
 	Locks []lockJSON `json:"locks,omitempty"`
+	// Mesh is this node's view of its paths to the other members.
+	Mesh *meshJSON `json:"mesh,omitempty"`
+	// Services are the circle services this node offers (by name).
+	Services []serviceJSON `json:"services"`
 }
 
 type memberJSON struct {
 	Name  string `json:"name"`
 	Addr  string `json:"addr"`
 	State string `json:"state"`
-	// Path is how this node reaches the member: "self", "direct" (the only
-	// path until the relay lands), later "punched" or "relayed".
+	// Path is how this node reaches the member: "self", "direct",
+	// "punched", "relayed via NODE", "none" (no live connection), or ""
+	// for members that are not alive.
 	Path string `json:"path"`
+}
+
+// meshJSON is the mesh section of the status.
+type meshJSON struct {
+	// Advertise is the address this node advertises to the circle.
+	Advertise string `json:"advertise"`
+	// NAT is what the path manager found out about this node's NAT:
+	// "unknown", "none" (reachable), "cone" or "symmetric".
+	NAT string `json:"nat"`
+	// Public is this node's public (server-reflexive) address, if known.
+	Public string `json:"public,omitempty"`
+	// Relays are the known TURN relays of other nodes: node name -> TURN
+	// address (this node's own is the top-level "relay").
+	Relays map[string]string `json:"relays"`
+	// Allocations are the TURN allocations this node holds.
+	Allocations []allocationJSON `json:"allocations"`
+	// Peers has one entry per other live member.
+	Peers []peerJSON `json:"peers"`
+}
+
+type allocationJSON struct {
+	Relay     string    `json:"relay"`
+	Server    string    `json:"server"`
+	RelayAddr string    `json:"relay_addr"`
+	Since     time.Time `json:"since"`
+	Expires   time.Time `json:"expires"`
+}
+
+type peerJSON struct {
+	Name string `json:"name"`
+	// Path is "direct", "punched", "relayed via NODE" or "none".
+	Path          string     `json:"path"`
+	Remote        string     `json:"remote,omitempty"`
+	RTTMillis     float64    `json:"rtt_ms"`
+	BytesSent     uint64     `json:"bytes_sent"`
+	BytesReceived uint64     `json:"bytes_received"`
+	Since         *time.Time `json:"since,omitempty"`
+	LastError     string     `json:"last_error,omitempty"`
+}
+
+type serviceJSON struct {
+	Name     string `json:"name"`
+	Upstream string `json:"upstream"`
+}
+
+// pathLabel describes a path for people: "direct", "punched",
+// "relayed via NODE", or "none" for the zero PathInfo.
+func pathLabel(p relay.PathInfo) string {
+	switch p.Kind {
+	case "":
+		return "none"
+	case relay.PathRelayed:
+		if p.Via != "" {
+			return "relayed via " + p.Via
+		}
+		return "relayed"
+	}
+	return string(p.Kind)
+}
+
+// meshStatus builds the mesh section from the path manager.
+func meshStatus(sn *sharedNode) *meshJSON {
+	if sn == nil || sn.manager == nil {
+		return nil
+	}
+	ms := sn.manager.Status()
+	out := &meshJSON{
+		Advertise:   sn.mesh.Addr().String(),
+		NAT:         string(ms.NAT),
+		Public:      ms.Public,
+		Relays:      map[string]string{},
+		Allocations: []allocationJSON{},
+		Peers:       []peerJSON{},
+	}
+	for k, v := range ms.Relays {
+		out.Relays[k] = v
+	}
+	for _, a := range ms.Allocations {
+		out.Allocations = append(out.Allocations, allocationJSON{
+			Relay: a.Relay, Server: a.Server, RelayAddr: a.RelayAddr,
+			Since: a.Since.UTC(), Expires: a.Expires.UTC(),
+		})
+	}
+	for _, p := range ms.Peers {
+		pj := peerJSON{Name: p.Name, Path: "none", LastError: p.LastError}
+		if p.Connected {
+			pj.Path = pathLabel(p.Path)
+			pj.Remote = p.Path.Remote
+			pj.RTTMillis = float64(p.Path.RTT.Microseconds()) / 1000
+			for _, q := range p.Paths {
+				pj.BytesSent += q.BytesSent
+				pj.BytesReceived += q.BytesReceived
+			}
+			since := p.Path.Since.UTC().Truncate(time.Second)
+			pj.Since = &since
+		}
+		out.Peers = append(out.Peers, pj)
+	}
+	sort.Slice(out.Peers, func(i, j int) bool { return out.Peers[i].Name < out.Peers[j].Name })
+	return out
 }
 
 type replicationJSON struct {
@@ -139,12 +246,30 @@ func (a *adminAPI) handleStatus(w http.ResponseWriter, r *http.Request, app *App
 		Role:   "member",
 		Relay:  app.Relay,
 	}
-	if app.Relay != "" {
-		st.Role = "member (relay configured, not active yet)"
+	if app.node != nil && app.node.turnAddr != "" {
+		st.Role = "member and relay"
+		st.Relay = app.node.turnAddr
+	}
+	st.Mesh = meshStatus(app.node)
+	paths := map[string]string{}
+	if st.Mesh != nil {
+		for _, p := range st.Mesh.Peers {
+			paths[p.Name] = p.Path
+		}
+	}
+	st.Services = []serviceJSON{}
+	if app.node != nil {
+		for name, up := range app.node.services.current() {
+			st.Services = append(st.Services, serviceJSON{Name: name, Upstream: up})
+		}
+		sort.Slice(st.Services, func(i, j int) bool { return st.Services[i].Name < st.Services[j].Name })
 	}
 	alive := 0
 	for _, m := range repl.Members() {
-		mj := memberJSON{Name: m.Name, Addr: m.Addr, State: m.State, Path: "direct"}
+		mj := memberJSON{Name: m.Name, Addr: m.Addr, State: m.State, Path: "none"}
+		if p, ok := paths[m.Name]; ok {
+			mj.Path = p
+		}
 		if m.Name == app.NodeName() {
 			mj.Path = "self"
 		} else if m.State == "alive" {

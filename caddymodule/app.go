@@ -63,12 +63,15 @@ type App struct {
 	// Default: "circle/<name>" under Caddy's data directory.
 	DataDir string `json:"data_dir,omitempty"`
 
-	// Listen is the gossip/mesh bind address (host:port, TCP and UDP).
-	// Default: "0.0.0.0:7946".
+	// Listen is the mesh bind address (host:port, UDP): memberlist,
+	// replication and circle services all travel over one QUIC mesh on
+	// this socket. Default: "0.0.0.0:7946".
 	Listen string `json:"listen,omitempty"`
 
-	// Advertise is the address other nodes reach this node at (host:port).
-	// Default: derived from Listen by the mesh.
+	// Advertise is the address other nodes reach this node at (host:port;
+	// a specific IP). Default: Listen if its host is a specific IP, else
+	// this machine's first private (else public) IPv4 address with
+	// Listen's port.
 	Advertise string `json:"advertise,omitempty"`
 
 	// Join lists seed peers (host:port). Unreachable seeds are retried in
@@ -79,9 +82,18 @@ type App struct {
 	// write, when that many are up. Default: 2.
 	Replicas int `json:"replicas,omitempty"`
 
-	// Relay is the address this node serves TURN/STUN on for nodes behind
-	// NAT. Default: off. (Parsed and stored; not active yet.)
+	// Relay is the address ([host]:port, UDP) this node serves TURN/STUN
+	// on for nodes behind NAT; set it on nodes that are reachable from the
+	// internet (a public address or a forwarded port). Default: off.
 	Relay string `json:"relay,omitempty"`
+
+	// Services are the circle services this node offers: name ->
+	// host:port of a local TCP app. Any node of the circle reaches them
+	// with `reverse_proxy NAME { transport circle }`, over the mesh, and
+	// fails over between the nodes offering the same name. Names are 1 to
+	// 63 of a-z, 0-9 and '-'. Unlike the other settings, services change
+	// with a config reload.
+	Services map[string]string `json:"services,omitempty"`
 
 	// AckTimeout bounds how long an acknowledged write waits for replicas.
 	// Default: 5s.
@@ -157,9 +169,6 @@ func (a *App) Provision(ctx caddy.Context) error {
 	if err := a.validate(); err != nil {
 		return err
 	}
-	if a.Relay != "" {
-		a.logger.Warn("relay is configured but not active yet in this version", zap.String("relay", a.Relay))
-	}
 
 	a.poolKey = poolKey(a.Name, a.DataDir)
 	node, err := acquireNode(a.poolKey, a.nodeConfig(ctx))
@@ -189,7 +198,12 @@ func (a *App) validate() error {
 			return fmt.Errorf("circle: advertise address %q: %v", a.Advertise, err)
 		}
 	}
-	return nil
+	if a.Relay != "" {
+		if _, port, err := net.SplitHostPort(a.Relay); err != nil || port == "" {
+			return fmt.Errorf("circle: relay address %q: want [host]:port", a.Relay)
+		}
+	}
+	return validateServices(a.Services)
 }
 
 // loadSecret reads the circle secret from SecretFile or resolves the Secret
@@ -259,6 +273,10 @@ func (a *App) nodeConfig(ctx caddy.Context) nodeConfig {
 	rc.FirstWriterWins = []string{"usernames"}
 	rc.Logger = ctx.Slogger().With("component", "replicator")
 	return nodeConfig{
+		listen:     a.Listen,
+		advertise:  a.Advertise,
+		relay:      a.Relay,
+		slog:       ctx.Slogger(),
 		replicator: rc,
 		identity: identity.Config{
 			Domain: a.DomainName,
@@ -282,12 +300,16 @@ func (a *App) Start() error {
 			}
 		}
 	}
+	a.node.services.set(a, a.Services)
 	activeApp.Store(a)
 	a.logger.Info("circle node running",
 		zap.String("name", a.Name),
 		zap.String("domain", a.DomainName),
 		zap.String("listen", a.Listen),
-		zap.Strings("join", a.Join))
+		zap.Strings("join", a.Join),
+		zap.String("advertise", a.node.mesh.Addr().String()),
+		zap.String("relay", a.node.turnAddr),
+		zap.Any("services", a.Services))
 	return nil
 }
 
@@ -295,6 +317,9 @@ func (a *App) Start() error {
 // newer config uses it and is closed by Cleanup of the last user.
 func (a *App) Stop() error {
 	activeApp.CompareAndSwap(a, nil)
+	if a.node != nil {
+		a.node.services.remove(a)
+	}
 	return nil
 }
 
@@ -302,6 +327,9 @@ func (a *App) Stop() error {
 // partial provisioning.
 func (a *App) Cleanup() error {
 	activeApp.CompareAndSwap(a, nil)
+	if a.node != nil {
+		a.node.services.remove(a)
+	}
 	if a.poolKey == "" {
 		return nil
 	}

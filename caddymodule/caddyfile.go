@@ -50,9 +50,11 @@ func parseGlobalCircle(d *caddyfile.Dispenser, existing any) (any, error) {
 //		join        <host:port> [<host:port>...]
 //		replicas    <n>
 //		relay       <[host]:port>
+//		service     <name> <upstream host:port>
 //	}
 //
-// Every subdirective takes its arguments on one line; `join` may repeat.
+// Every subdirective takes its arguments on one line; `join` and `service`
+// may repeat (each service name once).
 // Unknown subdirectives are errors. `secret` accepts only a placeholder, so
 // that the secret never appears in the adapted JSON.
 func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
@@ -63,7 +65,7 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 	seen := map[string]bool{}
 	for d.NextBlock(0) {
 		sub := d.Val()
-		if sub != "join" {
+		if sub != "join" && sub != "service" {
 			if seen[sub] {
 				return d.Errf("%s specified more than once", sub)
 			}
@@ -113,6 +115,25 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.ArgErr()
 			}
 			a.Join = append(a.Join, args...)
+		case "service":
+			args := d.RemainingArgs()
+			if len(args) != 2 {
+				return d.Errf("service takes a name and an upstream: service <name> <host:port>")
+			}
+			name, up := args[0], args[1]
+			if !validServiceName(name) {
+				return d.Errf("service name %q: use 1 to 63 of a-z, 0-9 and '-'", name)
+			}
+			if err := validateUpstream(up); err != nil {
+				return d.Errf("service %s upstream %q: %v", name, up, err)
+			}
+			if _, dup := a.Services[name]; dup {
+				return d.Errf("service %s specified more than once", name)
+			}
+			if a.Services == nil {
+				a.Services = map[string]string{}
+			}
+			a.Services[name] = up
 		case "replicas":
 			if !d.NextArg() {
 				return d.ArgErr()

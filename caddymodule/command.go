@@ -11,6 +11,7 @@ import (
 	"io"
 	"net/http"
 	"os"
+	"sort"
 	"strings"
 	"text/tabwriter"
 
@@ -279,7 +280,102 @@ func printStatus(w io.Writer, st statusJSON) {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", m.Name, m.Addr, m.State, path)
 	}
 	tw.Flush()
+	printMesh(w, st.Mesh)
+	printServices(w, st.Services)
 	printCertificates(w, st.Certificates)
+}
+
+// printMesh writes the mesh section: NAT, relays and one line per peer.
+func printMesh(w io.Writer, m *meshJSON) {
+	if m == nil {
+		return
+	}
+	fmt.Fprintln(w)
+	nat := m.NAT
+	switch nat {
+	case "none":
+		nat = "reachable (no NAT)"
+	case "cone":
+		nat = "behind a cone NAT (hole punching works)"
+	case "symmetric":
+		nat = "behind a symmetric NAT (needs a relay)"
+	case "", "unknown":
+		nat = "NAT not measured yet"
+	}
+	line := fmt.Sprintf("mesh: advertising %s, %s", m.Advertise, nat)
+	if m.Public != "" {
+		line += ", public address " + m.Public
+	}
+	fmt.Fprintln(w, line)
+	if len(m.Relays) > 0 {
+		names := make([]string, 0, len(m.Relays))
+		for n := range m.Relays {
+			names = append(names, n)
+		}
+		sort.Strings(names)
+		var parts []string
+		for _, n := range names {
+			parts = append(parts, n+" ("+m.Relays[n]+")")
+		}
+		fmt.Fprintln(w, "relays: "+strings.Join(parts, ", "))
+	}
+	for _, a := range m.Allocations {
+		fmt.Fprintf(w, "relayed address %s on %s, since %s\n", a.RelayAddr, a.Relay, a.Since.Local().Format("2006-01-02 15:04:05"))
+	}
+	if len(m.Peers) == 0 {
+		fmt.Fprintln(w, "no other member is alive")
+		return
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PEER\tPATH\tRTT\tSENT\tRECEIVED\tSINCE")
+	var notes []string
+	for _, p := range m.Peers {
+		rtt, since := "-", "-"
+		if p.Path != "none" {
+			rtt = fmt.Sprintf("%.1f ms", p.RTTMillis)
+		}
+		if p.Since != nil {
+			since = p.Since.Local().Format("2006-01-02 15:04:05")
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", p.Name, p.Path, rtt,
+			humanBytes(p.BytesSent), humanBytes(p.BytesReceived), since)
+		if p.LastError != "" {
+			notes = append(notes, fmt.Sprintf("%s: last error: %s", p.Name, p.LastError))
+		}
+	}
+	tw.Flush()
+	for _, n := range notes {
+		fmt.Fprintln(w, "  "+n)
+	}
+}
+
+// printServices lists the circle services this node offers.
+func printServices(w io.Writer, svcs []serviceJSON) {
+	fmt.Fprintln(w)
+	if len(svcs) == 0 {
+		fmt.Fprintln(w, "this node offers no circle services")
+		return
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "SERVICE\tUPSTREAM")
+	for _, s := range svcs {
+		fmt.Fprintf(tw, "%s\t%s\n", s.Name, s.Upstream)
+	}
+	tw.Flush()
+}
+
+// humanBytes formats a byte count: 512 B, 1.5 KiB, 3.2 MiB...
+func humanBytes(n uint64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := uint64(unit), 0
+	for m := n / unit; m >= unit && exp < 4; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTP"[exp])
 }
 
 // printCertificates writes the managed certificates as a table, followed

@@ -8,12 +8,16 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
+	"net"
+	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"go.uber.org/zap"
 
 	"github.com/homecircle/circle/identity"
+	"github.com/homecircle/circle/relay"
 	"github.com/homecircle/circle/replicator"
 )
 
@@ -38,6 +42,19 @@ type nodeConfig struct {
 	identity    identity.Config
 	syncTimeout time.Duration
 	logger      *zap.Logger
+
+	// listen is the UDP address of the mesh socket (the replicator's
+	// BindAddr is only informative once the mesh carries memberlist).
+	listen string
+	// advertise is the configured advertise address ("" = derived from
+	// listen or the machine's outbound address, see meshAdvertise).
+	advertise string
+	// relay is the TURN/STUN bind address ([host]:port), "" when this
+	// node is not a relay.
+	relay string
+	// slog is the base structured logger (Caddy's zap logger as slog) for
+	// the mesh, the path manager and the TURN server.
+	slog *slog.Logger
 }
 
 // fingerprint digests the settings that need a new node to change, so a
@@ -62,33 +79,76 @@ func (c nodeConfig) fingerprint() [32]byte {
 	}
 	w(fmt.Sprint(r.Replicas, r.AckTimeout, r.AntiEntropyInterval, r.FirstWriterWins))
 	w(c.identity.Domain)
+	w(c.listen)
+	w(c.advertise)
+	w(c.relay)
 	var out [32]byte
 	copy(out[:], h.Sum(nil))
 	return out
 }
 
-// sharedNode is one replicator node and the identity service on top of it.
-// It is created by acquireNode and closed by the pool when the last config
-// that uses it is cleaned up.
+// sharedNode is this process's mesh (one UDP socket carrying memberlist,
+// replication and circle services), its path manager and TURN server, one
+// replicator node and the identity service on top of it. It is created by
+// acquireNode and closed by the pool when the last config that uses it is
+// cleaned up.
 type sharedNode struct {
+	name        string
+	mesh        *relay.Mesh
+	manager     *relay.Manager
+	turn        *relay.Server  // nil unless this node is a relay
+	turnAddr    string         // the TURN address peers learn ("" if none)
+	pendingTURN net.PacketConn // the TURN socket between openMesh and startRelay
+	services    *serviceRegistry
+	lastPeer    sync.Map       // service name -> the peer that took its last stream
+	bg          sync.WaitGroup // background seed connections
 	repl        *replicator.Node
 	ident       *identity.Service
 	storageKey  []byte // AES-256 key for certificate private keys at rest
 	fingerprint [32]byte
-	cancel      context.CancelFunc // ends the initial sync wait and identity start
+	ctx         context.Context    // cancelled by Destruct
+	cancel      context.CancelFunc // ends the initial sync wait, identity start and proxied service streams
 }
 
-// Destruct closes the identity service and then the replicator node.
+// Destruct closes, in order: the services (their mesh handlers and live
+// streams), the path manager (its allocations), the identity service, the
+// replicator (it leaves the circle over the mesh, then shuts down the mesh
+// transport), the TURN server and finally the mesh and its socket. It
+// tolerates a partially opened node.
 func (s *sharedNode) Destruct() error {
 	s.cancel()
+	s.bg.Wait()
 	var errs []error
+	if s.services != nil {
+		s.services.close()
+	}
+	if s.manager != nil {
+		if err := s.manager.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("closing path manager: %w", err))
+		}
+	}
 	if s.ident != nil {
 		if err := s.ident.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("closing identity service: %w", err))
 		}
 	}
-	if err := s.repl.Close(); err != nil && !errors.Is(err, replicator.ErrClosed) {
-		errs = append(errs, fmt.Errorf("closing replicator: %w", err))
+	if s.repl != nil {
+		if err := s.repl.Close(); err != nil && !errors.Is(err, replicator.ErrClosed) {
+			errs = append(errs, fmt.Errorf("closing replicator: %w", err))
+		}
+	}
+	if s.turn != nil {
+		if err := s.turn.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("closing relay server: %w", err))
+		}
+	}
+	if s.pendingTURN != nil {
+		s.pendingTURN.Close()
+	}
+	if s.mesh != nil {
+		if err := s.mesh.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+			errs = append(errs, fmt.Errorf("closing mesh: %w", err))
+		}
 	}
 	return errors.Join(errs...)
 }
@@ -110,21 +170,43 @@ func acquireNode(key string, cfg nodeConfig) (*sharedNode, error) {
 	return sn, nil
 }
 
-// openSharedNode opens the replicator, waits (bounded) for a first exchange
-// of state with a peer, then starts the identity service on it.
+// openSharedNode opens the mesh on the listen socket (and the TURN
+// server, for a relay), the replicator over the mesh, the path manager,
+// waits (bounded) for a first exchange of state with a peer, then starts
+// the identity service.
 func openSharedNode(cfg nodeConfig) (*sharedNode, error) {
 	key, err := hkdf.Key(sha256.New, cfg.replicator.Secret, nil, storageKeyInfo, 32)
 	if err != nil {
 		return nil, fmt.Errorf("deriving storage key: %w", err)
 	}
-	repl, err := replicator.Open(cfg.replicator)
+	ctx, cancel := context.WithCancel(context.Background())
+	sn := &sharedNode{name: cfg.replicator.Name, storageKey: key, fingerprint: cfg.fingerprint(), ctx: ctx, cancel: cancel}
+	if err := sn.openMesh(cfg); err != nil {
+		sn.Destruct()
+		return nil, err
+	}
+	rc := cfg.replicator
+	start := time.Now()
+	rc.Join = sn.preconnect(rc.Join, seedBudget)
+	tr, err := sn.mesh.Transport()
 	if err != nil {
+		sn.Destruct()
+		return nil, fmt.Errorf("mesh transport: %w", err)
+	}
+	rc.Transport = tr
+	repl, err := replicator.Open(rc)
+	if err != nil {
+		tr.Shutdown()
+		sn.Destruct()
 		return nil, fmt.Errorf("opening replicator: %w", err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	sn := &sharedNode{repl: repl, storageKey: key, fingerprint: cfg.fingerprint(), cancel: cancel}
+	sn.repl = repl
+	if err := sn.startRelay(cfg); err != nil {
+		sn.Destruct()
+		return nil, err
+	}
 
-	waitInitialSync(ctx, repl, len(cfg.replicator.Join) > 0, cfg.syncTimeout, cfg.logger)
+	waitInitialSync(ctx, repl, len(cfg.replicator.Join) > 0, start, cfg.syncTimeout, cfg.logger)
 
 	ident, err := identity.New(identityStore{repl}, cfg.identity)
 	if err != nil {
@@ -142,7 +224,9 @@ func openSharedNode(cfg nodeConfig) (*sharedNode, error) {
 	cfg.logger.Info("circle node opened",
 		zap.String("name", cfg.replicator.Name),
 		zap.String("data_dir", cfg.replicator.DataDir),
-		zap.String("listen", cfg.replicator.BindAddr))
+		zap.String("listen", cfg.listen),
+		zap.String("advertise", sn.mesh.Addr().String()),
+		zap.String("relay", sn.turnAddr))
 	return sn, nil
 }
 
@@ -158,11 +242,10 @@ const joinGrace = 3 * time.Second
 // peer answered within joinGrace, or timeout passed. Without it a node that
 // starts next to a running circle would not yet see the shared CA and would
 // create a second root. It polls; the replicator joins in the background.
-func waitInitialSync(ctx context.Context, n *replicator.Node, joining bool, timeout time.Duration, log *zap.Logger) {
+func waitInitialSync(ctx context.Context, n *replicator.Node, joining bool, start time.Time, timeout time.Duration, log *zap.Logger) {
 	if !joining || timeout <= 0 {
 		return
 	}
-	start := time.Now()
 	deadline := start.Add(timeout)
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()

@@ -21,6 +21,7 @@ import (
 
 	"github.com/miekg/dns"
 
+	"github.com/homecircle/circle/relay"
 	"github.com/homecircle/circle/replicator"
 )
 
@@ -823,11 +824,28 @@ func openTamperNode(t *testing.T, secretFile string, peers []*node) *replicator.
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The circle's gossip and replication run over the QUIC mesh: the
+	// tamper node needs one too.
+	conn, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	mesh, err := relay.NewMesh(relay.MeshConfig{Name: "tamper", Secret: secret, Conn: conn})
+	if err != nil {
+		conn.Close()
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { mesh.Close() })
+	tr, err := mesh.Transport()
+	if err != nil {
+		t.Fatal(err)
+	}
 	cfg := replicator.DefaultConfig()
 	cfg.Name = "tamper"
 	cfg.DataDir = t.TempDir()
 	cfg.Secret = secret
-	cfg.BindAddr = fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	cfg.BindAddr = conn.LocalAddr().String()
+	cfg.Transport = tr
 	cfg.Replicas = 1
 	cfg.AntiEntropyInterval = time.Second
 	for _, p := range peers {
