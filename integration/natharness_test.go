@@ -449,6 +449,7 @@ type natStatus struct {
 type meshPeer struct {
 	Name          string  `json:"name"`
 	Path          string  `json:"path"` // direct | punched | relayed via X | none
+	Remote        string  `json:"remote"`
 	RTTms         float64 `json:"rtt_ms"`
 	BytesSent     uint64  `json:"bytes_sent"`
 	BytesReceived uint64  `json:"bytes_received"`
