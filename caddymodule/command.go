@@ -264,6 +264,9 @@ func cmdStatus(fl caddycmd.Flags) (int, error) {
 // printStatus writes st as a human-readable table.
 func printStatus(w io.Writer, st statusJSON) {
 	fmt.Fprintf(w, "node %s of circle %s, role: %s\n", st.Name, st.Domain, st.Role)
+	if st.Relay != "" {
+		fmt.Fprintf(w, "relay: serving TURN/STUN for the circle at %s\n", st.Relay)
+	}
 	health := "healthy"
 	if !st.Replication.Healthy {
 		health = "degraded: fewer nodes up than replicas"
@@ -317,7 +320,7 @@ func printMesh(w io.Writer, m *meshJSON) {
 		for _, n := range names {
 			parts = append(parts, n+" ("+m.Relays[n]+")")
 		}
-		fmt.Fprintln(w, "relays: "+strings.Join(parts, ", "))
+		fmt.Fprintln(w, "relays of the circle: "+strings.Join(parts, ", "))
 	}
 	for _, a := range m.Allocations {
 		fmt.Fprintf(w, "relayed address %s on %s, since %s\n", a.RelayAddr, a.Relay, a.Since.Local().Format("2006-01-02 15:04:05"))

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -375,5 +376,102 @@ git.circle.test {
 	bad := strings.Replace(input, "dial_timeout 3s", "dial_timeout soon", 1)
 	if _, _, err := caddyconfig.GetAdapter("caddyfile").Adapt([]byte(bad), nil); err == nil || !strings.Contains(err.Error(), "dial_timeout") {
 		t.Fatalf("bad dial_timeout: %v", err)
+	}
+}
+
+// holdServer is a TCP upstream that never answers: it reports each
+// accepted conn's end (the proxy closed it) on the returned channel.
+func holdServer(t *testing.T) (string, <-chan error) {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ended := make(chan error, 16)
+	release := make(chan struct{})
+	var wg sync.WaitGroup
+	t.Cleanup(func() { l.Close(); close(release); wg.Wait() })
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				c.SetReadDeadline(time.Now().Add(20 * time.Second))
+				_, err := io.Copy(io.Discard, c) // returns when the proxy closes its side
+				ended <- err
+				<-release // never answer, keep our side open
+			}()
+		}
+	}()
+	return l.Addr().String(), ended
+}
+
+// TestServiceStreamsEnd: a proxied stream whose upstream never answers
+// ends when the client closes it, and does not hold up the serving node's
+// shutdown either.
+func TestServiceStreamsEnd(t *testing.T) {
+	secretFile, _ := writeSecretFile(t)
+	hold, ended := holdServer(t)
+	server := startTestNode(t, "server", secretFile, nil, map[string]string{"hold": hold})
+	reader := startTestNode(t, "reader", secretFile, []string{server.app.Listen}, nil)
+	waitMeshPeers(t, reader, []string{"server"}, nil)
+	dial := func() net.Conn {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		c, err := reader.app.node.dialService(ctx, "hold")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Write([]byte("hello")); err != nil {
+			t.Fatal(err)
+		}
+		return c
+	}
+
+	// The client closes: the upstream conn is closed (EOF there).
+	c := dial()
+	c.Close()
+	select {
+	case err := <-ended:
+		if err != nil {
+			t.Fatalf("upstream conn ended with %v, want EOF", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the upstream conn outlived the client's stream")
+	}
+
+	// The client half-closes and waits; the serving node shuts down.
+	c = dial()
+	defer c.Close()
+	if err := closeWrite(c); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-ended: // the half-close reached the upstream as EOF
+		if err != nil {
+			t.Fatalf("upstream after half-close: %v", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the half-close did not reach the upstream")
+	}
+	done := make(chan struct{})
+	go func() { server.stop(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(15 * time.Second):
+		t.Fatal("the serving node's shutdown hangs on a proxied stream")
+	}
+	// The client's stream ends too (with an error, or EOF).
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.ReadAll(c); err != nil && errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatal("the client's stream outlived the serving node")
 	}
 }
