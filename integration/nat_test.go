@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -78,15 +79,18 @@ func TestNATCircleForms(t *testing.T) {
 			}
 		}
 
-		// The same through `caddy circle status`: one line per peer with
-		// its path.
+		// The same through `caddy circle status`: a line per peer with
+		// its path, round-trip time and since when.
 		out, err := n.cli("", "status")
 		if err != nil {
 			t.Fatalf("caddy circle status on %s: %v\n%s", viewer, err, out)
 		}
+		if viewer == "c" {
+			t.Logf("caddy circle status on c:\n%s", out)
+		}
 		for peer, path := range peers {
-			if !hasLineWith(out, peer, path) {
-				t.Errorf("caddy circle status on %s: no line with %q and %q:\n%s", viewer, peer, path, out)
+			if !hasPeerLine(out, peer, path) {
+				t.Errorf("caddy circle status on %s: no line with %q, %q, an RTT in ms and a since time:\n%s", viewer, peer, path, out)
 			}
 		}
 	}
@@ -106,11 +110,16 @@ func TestNATCircleForms(t *testing.T) {
 	}
 }
 
-// hasLineWith reports whether a line of out has the word name and path.
-func hasLineWith(out, name, path string) bool {
+// peerLine matches what a peer's line in `caddy circle status` must
+// carry besides its name and path: a round-trip time and a since time.
+var peerLine = regexp.MustCompile(`\d ms\b.*\d{4}-\d\d-\d\d \d\d:\d\d`)
+
+// hasPeerLine reports whether a line of out starts with the word name and
+// has path, a round-trip time and a since time.
+func hasPeerLine(out, name, path string) bool {
 	for _, line := range strings.Split(out, "\n") {
 		f := strings.Fields(line)
-		if len(f) > 0 && f[0] == name && strings.Contains(line, path) {
+		if len(f) > 0 && f[0] == name && strings.Contains(line, " "+path+" ") && peerLine.MatchString(line) {
 			return true
 		}
 	}
