@@ -62,13 +62,20 @@ func (w *testLog) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// newCircle builds an empty lab with an internet 198.18.0.0/24. Logs go
-// to t.Log at Info level (Debug with RELAY_DEBUG=1).
+var labMu sync.Mutex
+
+// newCircle builds an empty lab with an internet 198.18.0.0/24 and marks
+// the test parallel. Logs go to t.Log at Info level (Debug with
+// RELAY_DEBUG=1).
 func newCircle(t *testing.T) (*circle, *netlab.Node) {
 	t.Helper()
+	// Labs are independent (own namespaces); the tests mostly wait.
+	t.Parallel()
 	w := &testLog{t: t}
 	t.Cleanup(func() { w.done.Store(true) }) // runs last
+	labMu.Lock() // netlab.New sweeps stale labs: not while another claims its prefix
 	lab := netlab.New(t)
+	labMu.Unlock()
 	level := slog.LevelInfo
 	if os.Getenv("RELAY_DEBUG") != "" {
 		level = slog.LevelDebug
@@ -315,7 +322,8 @@ func (c *circle) echoAll(ws []want) {
 // baseTopology is the topology: r reachable on the internet
 // (a relay), a and b behind cone routers, c behind a symmetric router.
 // It returns the lab nodes by name (routers as "homeA" etc.).
-func baseTopology(c *circle, inet *netlab.Node, o map[string]nodeOpts) map[string]*netlab.Node {
+// before, if not nil, runs before the nodes start.
+func baseTopology(c *circle, inet *netlab.Node, o map[string]nodeOpts, before func(map[string]*netlab.Node)) map[string]*netlab.Node {
 	lab := c.lab
 	hosts := map[string]*netlab.Node{}
 	hosts["r"] = lab.Host(inet, "r", "198.18.0.10")
@@ -325,6 +333,9 @@ func baseTopology(c *circle, inet *netlab.Node, o map[string]nodeOpts) map[strin
 	hosts["a"] = lab.Host(hosts["homeA"], "a", "100.64.1.2")
 	hosts["b"] = lab.Host(hosts["homeB"], "b", "100.64.2.2")
 	hosts["c"] = lab.Host(hosts["homeC"], "c", "100.64.3.2")
+	if before != nil {
+		before(hosts)
+	}
 	ro := o["r"]
 	ro.relay = true
 	c.add("r", hosts["r"], ro)

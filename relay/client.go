@@ -156,7 +156,9 @@ func (a *Allocation) PacketConn() net.PacketConn { return a.relay }
 // CreatePermission asks the TURN server to relay packets from (and to)
 // the IPs of addrs (TURN permissions are per IP: any port of that IP gets
 // through). WriteTo creates them on first use too; this is for letting a
-// peer in before sending to it. A stale nonce is retried.
+// peer in before sending to it. A stale nonce is retried. Without an
+// answer from the server it fails after pion's retransmissions (about
+// 8 s), or when the Allocation is closed.
 func (a *Allocation) CreatePermission(addrs ...net.Addr) error {
 	var err error
 	for range 3 {
@@ -167,6 +169,10 @@ func (a *Allocation) CreatePermission(addrs ...net.Addr) error {
 		case <-a.stop:
 			return ErrClosed
 		default:
+		}
+		// pion's errTryAgain (unexported): a stale nonce, now replaced.
+		if !strings.Contains(err.Error(), "try again") {
+			break
 		}
 	}
 	return err

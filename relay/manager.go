@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -134,9 +135,10 @@ const (
 	publicCheck     = 5 * time.Second  // re-check of our public address
 	remeasure       = 30 * time.Second // full NAT re-measurement
 	directTimeout   = 3 * time.Second  // bound on one direct attempt
-	punchFallback   = 3                // failed punches before relaying anyway
+	punchFallback   = 2                // failed punches before relaying anyway
 	punchGrace      = 3 * time.Second  // the larger name waits this long before punching too
 	maxAllocations  = 2
+	maxIntroducers  = 2  // tried per punch attempt
 	observeRetries  = 10 // observe until it agrees with STUN (the relay may not have migrated our path yet)
 	observeInterval = 300 * time.Millisecond
 )
@@ -179,7 +181,18 @@ type managedAlloc struct {
 	relay, server, key string
 	a                  *Allocation
 	since, expires     time.Time
+	renew              bool         // replace it now (guarded by Manager.mu)
+	permFails          atomic.Int32 // consecutive failed permissions
 }
+
+// brokenAfter failed permissions in a row mark an allocation broken (the
+// server lost it, or refuses our credentials): it is released and made
+// again.
+const brokenAfter = 3
+
+// unusedGrace is how long an allocation a non-symmetric node made as a
+// fallback is kept without relayed paths over it.
+const unusedGrace = 30 * time.Second
 
 // peerState is the policy's state for one member.
 type peerState struct {
@@ -350,8 +363,20 @@ func (m *Manager) tick() {
 		}
 	}
 	for name, ma := range m.allocs {
-		if _, ok := relays[name]; !ok && !m.allocBusy[name] {
-			m.log.Info("manager: releasing the allocation on a lost relay", "relay", name)
+		if m.allocBusy[name] {
+			continue
+		}
+		var why string
+		switch _, ok := relays[name]; {
+		case !ok:
+			why = "lost the path to the relay"
+		case ma.permFails.Load() >= brokenAfter:
+			why = "permissions fail"
+		case !wantAllocs && now.Sub(ma.since) > unusedGrace && len(m.mesh.relayPeers(ma.key)) == 0:
+			why = "not needed"
+		}
+		if why != "" {
+			m.log.Info("manager: releasing an allocation", "relay", name, "why", why)
 			delete(m.allocs, name)
 			m.spawn(func() {
 				m.release(ma)
@@ -363,7 +388,7 @@ func (m *Manager) tick() {
 		if bo := m.allocNext[name]; bo != nil && !bo.due(now) {
 			continue
 		}
-		if !now.Before(renewAt) && !m.allocBusy[name] {
+		if ma.renew || !now.Before(renewAt) {
 			m.allocBusy[name] = true
 			if !m.spawn(func() { m.allocate(name, ma.server, ma) }) {
 				m.allocBusy[name] = false
@@ -400,7 +425,8 @@ func (m *Manager) tick() {
 		}
 	}
 
-	// Introducers: nodes we reach over a direct path.
+	// Introducers: nodes we reach over a direct path, relays first (they
+	// are the ones everybody reaches).
 	var introducers []string
 	for peer, ps := range byPeer {
 		for _, p := range ps {
@@ -410,7 +436,17 @@ func (m *Manager) tick() {
 			}
 		}
 	}
-	slices.Sort(introducers)
+	slices.SortFunc(introducers, func(x, y string) int {
+		_, rx := relays[x]
+		_, ry := relays[y]
+		if rx != ry {
+			if rx {
+				return -1
+			}
+			return 1
+		}
+		return strings.Compare(x, y)
+	})
 	var allocs []*managedAlloc
 	for _, name := range slices.Sorted(maps.Keys(m.allocs)) {
 		allocs = append(allocs, m.allocs[name])
@@ -463,7 +499,7 @@ func (m *Manager) tick() {
 		}
 		var punchVia []string
 		for _, in := range introducers {
-			if in != mem.Name {
+			if in != mem.Name && len(punchVia) < maxIntroducers {
 				punchVia = append(punchVia, in)
 			}
 		}
@@ -494,8 +530,11 @@ func (m *Manager) tick() {
 	}
 }
 
-// attempt tries to connect to mem: direct, then punched, then relayed, as
-// the flags say; each failure backs off that mechanism.
+// attempt tries to connect to mem, as the flags say: direct (last if it
+// failed before), relayed (only when this node is the one to relay),
+// punched; each failure backs off that mechanism. Relaying goes before
+// punching: when both are on, punching failed before, and the pair keeps
+// punching (to upgrade) once it has a relayed path.
 func (m *Manager) attempt(ctx context.Context, mem Member, ps *peerState, doDirect, directLast, doPunch, doRelay bool, introducers []string, allocs []*managedAlloc) {
 	var errs []error
 	defer func() {
@@ -545,6 +584,32 @@ func (m *Manager) attempt(ctx context.Context, mem Member, ps *peerState, doDire
 	if ctx.Err() != nil {
 		return
 	}
+	if doRelay {
+		err := errors.New("no allocation on another relay")
+		for _, ma := range allocs {
+			if ma.relay == mem.Name {
+				continue
+			}
+			if err = m.relayTo(ctx, ma, mem.Name); err == nil || ctx.Err() != nil {
+				break
+			}
+		}
+		m.mu.Lock()
+		if err == nil {
+			ps.relay.reset()
+		} else {
+			ps.relay.fail(time.Now())
+		}
+		m.mu.Unlock()
+		if err == nil {
+			ok("relayed")
+			return
+		}
+		errs = append(errs, fmt.Errorf("relay: %w", err))
+	}
+	if ctx.Err() != nil {
+		return
+	}
 	if doPunch {
 		var err error
 		for _, in := range introducers {
@@ -570,32 +635,6 @@ func (m *Manager) attempt(ctx context.Context, mem Member, ps *peerState, doDire
 		}
 		errs = append(errs, fmt.Errorf("punch: %w", err))
 	}
-	if ctx.Err() != nil {
-		return
-	}
-	if doRelay {
-		var err error
-		for _, ma := range allocs {
-			if ma.relay == mem.Name {
-				continue
-			}
-			if err = m.relayTo(ctx, ma, mem.Name); err == nil || ctx.Err() != nil {
-				break
-			}
-		}
-		m.mu.Lock()
-		if err == nil {
-			ps.relay.reset()
-		} else {
-			ps.relay.fail(time.Now())
-		}
-		m.mu.Unlock()
-		if err == nil {
-			ok("relayed")
-			return
-		}
-		errs = append(errs, fmt.Errorf("relay: %w", err))
-	}
 	if doDirect && directLast && ctx.Err() == nil {
 		direct()
 	}
@@ -608,7 +647,12 @@ func (m *Manager) relayTo(ctx context.Context, ma *managedAlloc, peer string) er
 	ctx, cancel := context.WithTimeout(ctx, 2*hs)
 	defer cancel()
 	err := m.mesh.requestRelay(ctx, ma.relay, peer, ma.a.RelayAddr(), func(addr net.Addr) error {
-		return ma.a.CreatePermission(addr)
+		if err := ma.a.CreatePermission(addr); err != nil {
+			ma.permFails.Add(1)
+			return err
+		}
+		ma.permFails.Store(0)
+		return nil
 	})
 	if err != nil {
 		return err
@@ -677,6 +721,10 @@ func (m *Manager) newAlloc(name, server string) (*managedAlloc, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Close ends a pending allocation at once (pion retransmits for
+	// about 8 s to a server that does not answer).
+	stop := context.AfterFunc(m.ctx, func() { conn.Close() })
+	defer stop()
 	now := time.Now()
 	a, err := Allocate(AllocateConfig{
 		Conn: conn, Server: server, Secret: m.cfg.Secret, Node: m.mesh.Name(),
@@ -790,7 +838,7 @@ func (m *Manager) measure(relays map[string]string, full bool) {
 		if kind == NATSymmetric {
 			// Our allocations' mappings may have changed too.
 			for _, ma := range m.allocs {
-				ma.expires = ma.since
+				ma.renew = true
 			}
 		}
 	}

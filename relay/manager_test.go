@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/homecircle/circle/integration/netlab"
 	"github.com/homecircle/circle/relay"
 	"go.uber.org/goleak"
 )
@@ -31,7 +32,7 @@ func checkNAT(t *testing.T, c *circle, kinds map[string]relay.NATKind) {
 func TestManagerNATLab(t *testing.T) {
 	c, inet := newCircle(t)
 	start := time.Now()
-	hosts := baseTopology(c, inet, nil)
+	hosts := baseTopology(c, inet, nil, nil)
 	took := c.waitPaths(fullMeshWithin, "full mesh", basePaths("r"))
 	t.Logf("full mesh %v after the managers started (%v with the lab)", took, time.Since(start))
 	checkNAT(t, c, map[string]relay.NATKind{"r": relay.NATNone, "a": relay.NATCone, "b": relay.NATCone, "c": relay.NATSymmetric})
@@ -67,7 +68,7 @@ func TestManagerNATLab(t *testing.T) {
 // through the other.
 func TestManagerRelayFailover(t *testing.T) {
 	c, inet := newCircle(t)
-	baseTopology(c, inet, nil)
+	baseTopology(c, inet, nil, nil)
 	c.waitPaths(fullMeshWithin, "full mesh", basePaths("r"))
 
 	r2 := c.lab.Host(inet, "r2", "198.18.0.11")
@@ -101,7 +102,7 @@ func TestManagerRelayFailover(t *testing.T) {
 // within 30 s.
 func TestManagerPortChange(t *testing.T) {
 	c, inet := newCircle(t)
-	hosts := baseTopology(c, inet, nil)
+	hosts := baseTopology(c, inet, nil, nil)
 	c.waitPaths(fullMeshWithin, "full mesh", basePaths("r"))
 	a := c.nodes["a"]
 	before := a.mgr.Status().Public
@@ -138,7 +139,7 @@ func TestManagerPortChange(t *testing.T) {
 func TestManagerCredentialRenewal(t *testing.T) {
 	c, inet := newCircle(t)
 	ttl := 8 * time.Second
-	baseTopology(c, inet, map[string]nodeOpts{"c": {ttl: ttl}})
+	baseTopology(c, inet, map[string]nodeOpts{"c": {ttl: ttl}}, nil)
 	c.waitPaths(fullMeshWithin, "full mesh", basePaths("r"))
 	cn := c.nodes["c"]
 	first := cn.mgr.Status().Allocations[0]
@@ -170,6 +171,29 @@ func TestManagerCredentialRenewal(t *testing.T) {
 	if len(st.Allocations) != 1 || st.Allocations[0].Since.Equal(first.Since) {
 		t.Fatalf("allocations %+v", st.Allocations)
 	}
+}
+
+// TestManagerPunchFallbackAndUpgrade: a and b cannot punch (their homes
+// cannot reach each other, though both reach r), so after failed punches
+// they relay through r; once the homes can reach each other they keep
+// punching until the pair upgrades to a punched path.
+func TestManagerPunchFallbackAndUpgrade(t *testing.T) {
+	c, inet := newCircle(t)
+	var hosts map[string]*netlab.Node
+	baseTopology(c, inet, nil, func(h map[string]*netlab.Node) {
+		hosts = h
+		c.lab.Partition(h["homeA"], h["homeB"])
+	})
+	paths := basePaths("r")
+	paths[3] = want{"a", "b", relay.PathRelayed, "r"}
+	took := c.waitPaths(45*time.Second, "a and b relayed", paths)
+	t.Logf("a and b relayed through r %v after the start", took)
+	c.echoAll(paths[3:4])
+
+	c.lab.Heal(hosts["homeA"], hosts["homeB"])
+	took = c.waitPaths(45*time.Second, "a and b punched", basePaths("r"))
+	t.Logf("a and b upgraded to a punched path %v after the heal", took)
+	c.echoAll(basePaths("r")[3:4])
 }
 
 // TestManagerLoopback: two nodes on loopback, one a relay: direct path,
