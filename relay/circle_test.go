@@ -73,7 +73,8 @@ func newCircle(t *testing.T) (*circle, *netlab.Node) {
 	t.Parallel()
 	w := &testLog{t: t}
 	t.Cleanup(func() { w.done.Store(true) }) // runs last
-	labMu.Lock()                             // netlab.New sweeps stale labs: not while another claims its prefix
+	// netlab.New sweeps stale labs: not while another claims its prefix.
+	labMu.Lock()
 	lab := netlab.New(t)
 	labMu.Unlock()
 	level := slog.LevelInfo
