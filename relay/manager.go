@@ -835,11 +835,11 @@ func (m *Manager) measure(relays map[string]string, full bool) {
 			ps.relay.reset()
 			ps.needSince = time.Time{}
 		}
-		if kind == NATSymmetric {
-			// Our allocations' mappings may have changed too.
-			for _, ma := range m.allocs {
-				ma.renew = true
-			}
+		// The mappings of our allocations' sockets have probably changed
+		// too, which loses the allocations (TURN knows them by the
+		// client's address): replace them.
+		for _, ma := range m.allocs {
+			ma.renew = true
 		}
 	}
 	m.mu.Unlock()

@@ -134,6 +134,39 @@ func TestManagerPortChange(t *testing.T) {
 	t.Logf("a's public address %s -> %s; reconnected after %v", before, after, time.Since(start))
 }
 
+// TestManagerSymmetricPortChange: c's symmetric router forgets its
+// mappings: c's allocation is lost with them (TURN knows it by c's
+// address); c notices its public address changed, allocates again and
+// moves its relayed paths to a and b within 30 s.
+func TestManagerSymmetricPortChange(t *testing.T) {
+	c, inet := newCircle(t)
+	hosts := baseTopology(c, inet, nil, nil)
+	c.waitPaths(fullMeshWithin, "full mesh", basePaths("r"))
+	cn := c.nodes["c"]
+	before := cn.mgr.Status()
+
+	start := time.Now()
+	hosts["homeC"].ChangeMapping()
+	eventually(t, 30*time.Second, "c relayed again through a new allocation", func() bool {
+		st := cn.mgr.Status()
+		if st.Public == before.Public || len(st.Allocations) != 1 ||
+			st.Allocations[0].RelayAddr == before.Allocations[0].RelayAddr {
+			return false
+		}
+		if c.check(basePaths("r")) != "" {
+			return false
+		}
+		for _, peer := range []string{"a", "b"} {
+			if tryEcho(cn.mesh, peer, []byte("after the port change")) != nil ||
+				tryEcho(c.nodes[peer].mesh, "c", []byte("after the port change")) != nil {
+				return false
+			}
+		}
+		return true
+	})
+	t.Logf("c's public address %s -> %s; relayed again after %v", before.Public, cn.mgr.Status().Public, time.Since(start))
+}
+
 // TestManagerCredentialRenewal: with 8 s credentials c replaces its
 // allocation every 6 s; its relayed paths survive, streams keep working.
 func TestManagerCredentialRenewal(t *testing.T) {
