@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -541,8 +542,25 @@ func (n *Node) joinLoop() {
 	}
 	backoff := joinMinBackoff
 	failures := 0
+	goneBackoff := joinMinBackoff
+	var goneRetry time.Time
 	for {
 		wait := joinRecheck
+		if gone := n.goneSeeds(); len(gone) > 0 && len(n.alivePeers()) > 0 && !time.Now().Before(goneRetry) {
+			// memberlist never contacts a dead node again, so a seed that
+			// died and came back without a join list of its own stays cut
+			// off from this side of the circle: rejoin it.
+			if got, _ := n.ml.Load().Join(gone); got > 0 {
+				n.log.Info("rejoined a seed that was gone", "seeds", gone, "members", n.numMembers())
+				goneBackoff, goneRetry = joinMinBackoff, time.Time{}
+			} else {
+				goneRetry = time.Now().Add(goneBackoff)
+				goneBackoff = min(2*goneBackoff, joinMaxBackoff)
+			}
+			if n.ctx.Err() != nil {
+				return
+			}
+		}
 		if len(n.alivePeers()) == 0 {
 			got, err := n.ml.Load().Join(n.cfg.Join)
 			if n.ctx.Err() != nil {
@@ -571,6 +589,18 @@ func (n *Node) joinLoop() {
 		case <-t.C:
 		}
 	}
+}
+
+// goneSeeds returns the seeds that are the address of a member that died
+// (not one that left).
+func (n *Node) goneSeeds() []string {
+	var out []string
+	for _, m := range n.Members() {
+		if m.State == "dead" && slices.Contains(n.cfg.Join, m.Addr) {
+			out = append(out, m.Addr)
+		}
+	}
+	return out
 }
 
 // delegate implements memberlist.Delegate. memberlist calls it from its
