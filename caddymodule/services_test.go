@@ -162,7 +162,7 @@ func TestServiceTransportFailover(t *testing.T) {
 	if err == nil || !errors.As(err, &de) || !strings.Contains(err.Error(), errNoServiceNode.Error()) {
 		t.Fatalf("no node offers echo: %v, want a dial error (502)", err)
 	}
-	if _, err := getBody(client, "http://Bad_Name/"); err == nil || !errors.As(err, &de) {
+	if _, err := getBody(client, "http://bad_name/"); err == nil || !errors.As(err, &de) {
 		t.Fatalf("invalid name: %v", err)
 	}
 }

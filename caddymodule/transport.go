@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
@@ -75,6 +76,7 @@ func newServiceTransport(sn *sharedNode, timeout time.Duration) *http.Transport 
 			if err != nil {
 				host = addr
 			}
+			host = strings.ToLower(host)
 			ctx, cancel := context.WithTimeout(ctx, timeout)
 			defer cancel()
 			c, err := sn.dialService(ctx, host)
