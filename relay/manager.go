@@ -138,8 +138,10 @@ const (
 	punchFallback   = 2                // failed punches before relaying anyway
 	punchGrace      = 3 * time.Second  // the larger name waits this long before punching too
 	maxAllocations  = 2
-	maxIntroducers  = 2  // tried per punch attempt
-	observeRetries  = 10 // observe until it agrees with STUN (the relay may not have migrated our path yet)
+	maxIntroducers  = 2                // tried per punch attempt
+	suspectFor      = 30 * time.Second // a relay that did not answer STUN is not used for this long
+	stunTimeout     = 3 * time.Second  // bound on one STUN check (6 requests)
+	observeRetries  = 10               // observe until it agrees with STUN (the relay may not have migrated our path yet)
 	observeInterval = 300 * time.Millisecond
 )
 
@@ -163,10 +165,11 @@ type Manager struct {
 	public     netip.AddrPort
 	publicAt   string // the STUN server public was measured with
 	natBusy    bool
-	measuredAt time.Time // last full measurement (or failed attempt)
-	checkedAt  time.Time // last public address check
-	measureNow bool      // re-measure at the next tick
-	relays     map[string]string
+	measuredAt time.Time                // last full measurement (or failed attempt)
+	checkedAt  time.Time                // last public address check
+	measureNow bool                     // re-measure at the next tick
+	relays     map[string]string        // relays we have a direct path to: name -> TURN address
+	suspect    map[string]time.Time     // relays whose STUN server did not answer, since
 	allocs     map[string]*managedAlloc // by relay name
 	allocBusy  map[string]bool
 	allocNext  map[string]*backoff
@@ -245,7 +248,7 @@ func NewManager(cfg ManagerConfig) (*Manager, error) {
 		cfg: cfg, mesh: cfg.Mesh, log: orDiscard(cfg.Logger).With("node", cfg.Mesh.Name()),
 		listen: cfg.ListenPacket, relay: cfg.Mesh.cfg.TURN != "",
 		ctx: ctx, cancel: cancel, wake: make(chan struct{}, 1),
-		nat: NATUnknown, relays: map[string]string{}, allocs: map[string]*managedAlloc{},
+		nat: NATUnknown, relays: map[string]string{}, suspect: map[string]time.Time{}, allocs: map[string]*managedAlloc{},
 		allocBusy: map[string]bool{}, allocNext: map[string]*backoff{}, peers: map[string]*peerState{},
 	}
 	if m.listen == nil {
@@ -339,7 +342,26 @@ func (m *Manager) tick() {
 			m.measureNow = true
 		}
 	}
+	for name := range relays {
+		if _, ok := m.relays[name]; !ok {
+			m.measureNow = true // tell it our NAT kind
+		}
+	}
 	m.relays = relays
+	// Relays whose STUN server stopped answering are not used (for a
+	// while) even though their path has not timed out yet: a relay that
+	// was killed takes IdleTimeout to be noticed otherwise.
+	usable := maps.Clone(relays)
+	for name, since := range m.suspect {
+		if _, ok := relays[name]; !ok || now.Sub(since) >= suspectFor {
+			delete(m.suspect, name)
+			continue
+		}
+		delete(usable, name)
+	}
+	if len(usable) > 0 {
+		relays = usable // (with no other relay, keep using it: it may be slow only)
+	}
 
 	// NAT detection.
 	if !m.relay && !m.natBusy && len(relays) > 0 {
@@ -369,7 +391,7 @@ func (m *Manager) tick() {
 		var why string
 		switch _, ok := relays[name]; {
 		case !ok:
-			why = "lost the path to the relay"
+			why = "lost the relay"
 		case ma.permFails.Load() >= brokenAfter:
 			why = "permissions fail"
 		case !wantAllocs && now.Sub(ma.since) > unusedGrace && len(m.mesh.relayPeers(ma.key)) == 0:
@@ -766,16 +788,25 @@ func (m *Manager) measure(relays map[string]string, full bool) {
 	via := names[0]
 	ctx, cancel := context.WithTimeout(m.ctx, 2*ReflexiveTimeout)
 	defer cancel()
-	pub, err := m.mesh.Reflexive(ctx, relays[via])
+	sctx, scancel := context.WithTimeout(ctx, stunTimeout)
+	pub, err := m.mesh.Reflexive(sctx, relays[via])
+	scancel()
 	now := time.Now()
 	if err != nil {
+		if m.ctx.Err() != nil {
+			return
+		}
 		m.mu.Lock()
-		m.checkedAt = now
-		if full {
-			m.measuredAt = now
+		m.suspect[via] = now
+		if len(relays) == 1 {
+			m.checkedAt = now
+			if full {
+				m.measuredAt = now
+			}
 		}
 		m.mu.Unlock()
-		m.log.Debug("manager: stun failed", "relay", via, "err", err)
+		m.log.Info("manager: relay does not answer stun", "relay", via, "err", err)
+		m.poke()
 		return
 	}
 	m.mu.Lock()
@@ -793,7 +824,7 @@ func (m *Manager) measure(relays map[string]string, full bool) {
 		n := m.mesh.closePunched()
 		m.log.Info("manager: public address changed", "old", prev.String(), "new", pub.String(), "punched_closed", n)
 	}
-	kind := NATSymmetric
+	kind := NATUnknown
 	if own(m.mesh, pub) {
 		kind = NATNone
 	} else {
@@ -802,14 +833,19 @@ func (m *Manager) measure(relays map[string]string, full bool) {
 			tries = observeRetries
 		}
 		for i := 0; i < tries; i++ {
-			obs, _, err := m.mesh.observe(ctx, via)
-			if err == nil && obs == pub {
+			octx, ocancel := context.WithTimeout(ctx, stunTimeout)
+			obs, _, err := m.mesh.observe(octx, via)
+			ocancel()
+			if err != nil {
+				// No verdict without an observation: keep the kind.
+				m.log.Debug("manager: observe failed", "relay", via, "err", err)
+				break
+			}
+			if obs == pub {
 				kind = NATCone
 				break
 			}
-			if err != nil {
-				m.log.Debug("manager: observe failed", "relay", via, "err", err)
-			}
+			kind = NATSymmetric
 			select {
 			case <-ctx.Done():
 				return
@@ -817,10 +853,17 @@ func (m *Manager) measure(relays map[string]string, full bool) {
 			}
 		}
 	}
+	if kind == NATUnknown {
+		m.mu.Lock()
+		kind = m.nat
+		m.mu.Unlock()
+	}
 	m.mesh.setNAT(kind)
 	// Tell the other relays our kind (and learn theirs).
 	for _, r := range names[1:] {
-		m.mesh.observe(ctx, r)
+		octx, ocancel := context.WithTimeout(ctx, stunTimeout)
+		m.mesh.observe(octx, r)
+		ocancel()
 	}
 	m.mu.Lock()
 	if kind != m.nat {

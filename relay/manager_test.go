@@ -97,6 +97,32 @@ func TestManagerRelayFailover(t *testing.T) {
 	t.Logf("failover complete (streams checked, allocation released) after %v", time.Since(start))
 }
 
+// TestManagerRelayKilled: like TestManagerRelayFailover, but r vanishes
+// without a word (all its traffic dropped, as if killed): c notices that
+// r's STUN server stopped answering and moves its paths to r2 well before
+// the dead connections time out.
+func TestManagerRelayKilled(t *testing.T) {
+	c, inet := newCircle(t)
+	hosts := baseTopology(c, inet, nil, nil)
+	c.waitPaths(fullMeshWithin, "full mesh", basePaths("r"))
+	r2 := c.lab.Host(inet, "r2", "198.18.0.11")
+	c.add("r2", r2, nodeOpts{relay: true})
+	eventually(t, 20*time.Second, "c to hold allocations on r and r2", func() bool {
+		return len(c.nodes["c"].mgr.Status().Allocations) == 2
+	})
+
+	for _, other := range []*netlab.Node{hosts["homeA"], hosts["homeB"], hosts["homeC"], r2} {
+		c.lab.Partition(hosts["r"], other)
+	}
+	took := c.waitPaths(relay.DefaultIdleTimeout, "c relayed via r2", []want{
+		{"c", "a", relay.PathRelayed, "r2"},
+		{"c", "b", relay.PathRelayed, "r2"},
+		{"a", "b", relay.PathPunched, ""},
+	})
+	t.Logf("failover to r2 took %v (the mesh idle timeout is %v)", took, relay.DefaultIdleTimeout)
+	c.echoAll([]want{{"c", "a", relay.PathRelayed, "r2"}, {"c", "b", relay.PathRelayed, "r2"}})
+}
+
 // TestManagerPortChange: a's home router forgets its mappings and hands
 // out new public ports; a is reconnected to b (punched again) and c
 // within 30 s.
