@@ -253,7 +253,7 @@ func NewManager(cfg ManagerConfig) (*Manager, error) {
 	}
 	if m.listen == nil {
 		host := "0.0.0.0"
-		if ua, ok := cfg.Mesh.primary.conn.LocalAddr().(*net.UDPAddr); ok && ua.IP != nil && !ua.IP.IsUnspecified() {
+		if ua, ok := cfg.Mesh.primary.conn.LocalAddr().(*net.UDPAddr); ok && cfg.Mesh.primary.via == "" && ua.IP != nil && !ua.IP.IsUnspecified() {
 			host = ua.IP.String()
 		}
 		m.listen = func() (net.PacketConn, error) { return net.ListenPacket("udp", net.JoinHostPort(host, "0")) }

@@ -73,8 +73,8 @@ type PathKind string
 // Path kinds.
 const (
 	PathDirect  PathKind = "direct"  // straight to the peer's address
-	PathPunched PathKind = "punched" // through a hole-punched NAT mapping (not yet made by this package)
-	PathRelayed PathKind = "relayed" // through a TURN allocation on node Via
+	PathPunched PathKind = "punched" // through a hole-punched NAT mapping (Punch, PunchVia)
+	PathRelayed PathKind = "relayed" // through a TURN allocation on node Via (ours, or the peer's)
 )
 
 // MeshConfig configures a Mesh. Zero values of optional fields mean the
