@@ -28,6 +28,9 @@ import (
 //	reply:  {"v":1,"addr":"<B's address at R>","nat":"<B's kind>"} (to
 //	        introduce), {"v":1} (to punch), or {"v":1,"error":"..."}
 //
+// R refuses the introduction (an error, with "nat") when either side
+// reported a symmetric NAT: punching cannot work then.
+//
 // "observe" (NAT detection): R answers the address A's connection comes
 // from, R's own NAT kind and every kind it has been told:
 //
