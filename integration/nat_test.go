@@ -246,12 +246,10 @@ func TestNATRelayDown(t *testing.T) {
 		t.Fatalf("c, cut off, has %d accounts, want 1", st.Accounts)
 	}
 
-	// r returns: the circle is whole again and c catches up.
+	// r returns: c catches up, and the circle is whole again.
 	back := time.Now()
 	r.restart()
-	l.waitAlive(60*time.Second, "r", "a", "b", "c")
-	t.Logf("all four alive again %v after r was restarted", time.Since(back).Round(time.Millisecond))
-	c.waitAccounts(30*time.Second, 2)
+	c.waitAccounts(60*time.Second, 2)
 	t.Logf("c caught up %v after r was restarted", time.Since(back).Round(time.Millisecond))
 	loginOnce(t, c.localWeb(), "c", "bob", "correct horse battery")
 	l.waitPaths(60*time.Second, acceptancePaths)
