@@ -132,11 +132,13 @@ type ManagerStatus struct {
 const (
 	maxBackoff      = 30 * time.Second // cap of every per-peer backoff
 	firstBackoff    = time.Second
-	publicCheck     = 5 * time.Second  // re-check of our public address
-	remeasure       = 30 * time.Second // full NAT re-measurement
-	directTimeout   = 3 * time.Second  // bound on one direct attempt
-	punchFallback   = 2                // failed punches before relaying anyway
-	punchGrace      = 3 * time.Second  // the larger name waits this long before punching too
+	publicCheck     = 5 * time.Second        // re-check of our public address
+	remeasure       = 30 * time.Second       // full NAT re-measurement
+	directTimeout   = 3 * time.Second        // bound on one direct attempt
+	directHead      = 500 * time.Millisecond // head start of a first direct attempt
+	replanEvery     = 250 * time.Millisecond // while it runs on, how often the rest is reconsidered
+	punchFallback   = 2                      // failed punches before relaying anyway
+	punchGrace      = 3 * time.Second        // the larger name waits this long before punching too
 	maxAllocations  = 2
 	maxIntroducers  = 2                // tried per punch attempt
 	suspectFor      = 30 * time.Second // a relay that did not answer STUN is not used for this long
@@ -447,36 +449,8 @@ func (m *Manager) tick() {
 		}
 	}
 
-	// Introducers: nodes we reach over a direct path, relays first (they
-	// are the ones everybody reaches).
-	var introducers []string
-	for peer, ps := range byPeer {
-		for _, p := range ps {
-			if p.Kind == PathDirect {
-				introducers = append(introducers, peer)
-				break
-			}
-		}
-	}
-	slices.SortFunc(introducers, func(x, y string) int {
-		_, rx := relays[x]
-		_, ry := relays[y]
-		if rx != ry {
-			if rx {
-				return -1
-			}
-			return 1
-		}
-		return strings.Compare(x, y)
-	})
-	var allocs []*managedAlloc
-	for _, name := range slices.Sorted(maps.Keys(m.allocs)) {
-		allocs = append(allocs, m.allocs[name])
-	}
-
 	// Members.
 	seen := map[string]bool{}
-	self := m.mesh.Name()
 	for _, mem := range members {
 		seen[mem.Name] = true
 		ps := m.peers[mem.Name]
@@ -503,8 +477,6 @@ func (m *Manager) tick() {
 			ps.lastErr = ""
 			continue
 		}
-		theirs := m.mesh.natOf(mem.Name)
-		canPunch := m.nat != NATSymmetric && theirs != NATSymmetric
 		if relayedOnly {
 			ps.lastErr = ""
 		}
@@ -519,28 +491,19 @@ func (m *Manager) tick() {
 			}
 			continue
 		}
-		var punchVia []string
-		for _, in := range introducers {
-			if in != mem.Name && len(punchVia) < maxIntroducers {
-				punchVia = append(punchVia, in)
-			}
-		}
-		doDirect := ps.direct.due(now)
-		doPunch := canPunch && len(punchVia) > 0 && ps.punch.due(now) &&
-			(self < mem.Name || now.Sub(ps.needSince) >= punchGrace)
-		holder := !relayedOnly && (m.nat == NATSymmetric || theirs != NATSymmetric && ps.punchFails >= punchFallback)
-		doRelay := holder && len(allocs) > 0 && ps.relay.due(now)
-		if !doDirect && !doPunch && !doRelay {
-			continue
-		}
+		pl := m.planLocked(mem.Name, ps, paths, now)
+		pl.direct = ps.direct.due(now)
 		// A direct attempt that failed before goes last, so that it does
 		// not hold up the mechanisms that work (it takes directTimeout
 		// to fail).
-		directLast := ps.direct.d > 0
+		pl.directLast = ps.direct.d > 0
+		if !pl.direct && !pl.punch && !pl.relay {
+			continue
+		}
 		ctx, cancel := context.WithCancel(m.ctx)
 		ps.busy, ps.upgrade, ps.cancel = true, relayedOnly, cancel
 		mem := mem
-		if !m.spawn(func() { m.attempt(ctx, mem, ps, doDirect, directLast, doPunch, doRelay, punchVia, allocs) }) {
+		if !m.spawn(func() { m.attempt(ctx, mem, ps, pl) }) {
 			ps.busy = false
 			cancel()
 		}
@@ -552,31 +515,91 @@ func (m *Manager) tick() {
 	}
 }
 
+// plan is what an attempt tries for one member.
+type plan struct {
+	direct, directLast bool
+	punch, relay       bool
+	introducers        []string        // for punching
+	allocs             []*managedAlloc // for relaying
+}
+
+// planLocked decides whether to punch or relay to peer now (direct is the
+// caller's business), from the mesh's paths (with no non-relayed path to
+// peer). Called with m.mu held.
+func (m *Manager) planLocked(peer string, ps *peerState, paths []PathInfo, now time.Time) plan {
+	var pl plan
+	relayedOnly := false
+	direct := map[string]bool{}
+	relays := map[string]bool{} // that we may use
+	for _, p := range paths {
+		if p.Peer == peer {
+			relayedOnly = true
+		}
+		if p.Kind == PathDirect && p.Peer != peer {
+			direct[p.Peer] = true
+		}
+		if _, bad := m.suspect[p.Peer]; p.Kind == PathDirect && p.TURN != "" && !bad {
+			relays[p.Peer] = true
+		}
+	}
+	// Introducers: nodes we reach over a direct path, relays first (they
+	// are the ones everybody reaches).
+	intro := slices.Collect(maps.Keys(direct))
+	slices.SortFunc(intro, func(x, y string) int {
+		rx, ry := relays[x], relays[y]
+		if rx != ry {
+			if rx {
+				return -1
+			}
+			return 1
+		}
+		return strings.Compare(x, y)
+	})
+	if len(intro) > maxIntroducers {
+		intro = intro[:maxIntroducers]
+	}
+	pl.introducers = intro
+	for _, name := range slices.Sorted(maps.Keys(m.allocs)) {
+		if name != peer {
+			pl.allocs = append(pl.allocs, m.allocs[name])
+		}
+	}
+	theirs := m.mesh.natOf(peer)
+	// Our own kind first, if a relay can tell us.
+	known := m.nat != NATUnknown || len(relays) == 0
+	canPunch := known && m.nat != NATSymmetric && theirs != NATSymmetric
+	pl.punch = canPunch && len(pl.introducers) > 0 && ps.punch.due(now) &&
+		(m.mesh.Name() < peer || now.Sub(ps.needSince) >= punchGrace)
+	holder := !relayedOnly && (m.nat == NATSymmetric || theirs != NATSymmetric && ps.punchFails >= punchFallback)
+	pl.relay = holder && len(pl.allocs) > 0 && ps.relay.due(now)
+	return pl
+}
+
 // attempt tries to connect to mem, as the flags say: direct (last if it
 // failed before), relayed (only when this node is the one to relay),
 // punched; each failure backs off that mechanism. Relaying goes before
 // punching: when both are on, punching failed before, and the pair keeps
 // punching (to upgrade) once it has a relayed path.
-func (m *Manager) attempt(ctx context.Context, mem Member, ps *peerState, doDirect, directLast, doPunch, doRelay bool, introducers []string, allocs []*managedAlloc) {
+func (m *Manager) attempt(ctx context.Context, mem Member, ps *peerState, pl plan) {
 	var errs []error
 	defer func() {
 		m.mu.Lock()
-		if ctx.Err() != nil && m.ctx.Err() == nil {
-			defer m.poke() // cancelled by tick: go again
-		}
 		ps.cancel()
 		ps.busy = false
 		if len(errs) > 0 {
 			ps.lastErr = errors.Join(errs...).Error()
 		}
 		m.mu.Unlock()
+		m.poke() // the next attempt (if one is due) need not wait for the tick
 	}()
 	hs := m.mesh.cfg.HandshakeTimeout
 	ok := func(what string) {
 		m.log.Debug("manager: connected", "peer", mem.Name, "how", what)
 		errs = nil
 	}
-	direct := func() bool {
+	// direct tries mem's advertised address (safe to run concurrently
+	// with the rest: it touches only ps.direct, under m.mu).
+	direct := func() error {
 		err := func() error {
 			addr, err := net.ResolveUDPAddr("udp", mem.Addr)
 			if err != nil {
@@ -594,24 +617,68 @@ func (m *Manager) attempt(ctx context.Context, mem Member, ps *peerState, doDire
 		}
 		m.mu.Unlock()
 		if err == nil {
-			ok("direct")
-			return true
+			m.log.Debug("manager: connected", "peer", mem.Name, "how", "direct")
+			return nil
 		}
-		errs = append(errs, fmt.Errorf("direct: %w", err))
-		return false
+		return fmt.Errorf("direct: %w", err)
 	}
-	if doDirect && !directLast && direct() {
-		return
+	if pl.direct && !pl.directLast {
+		// Direct first, but a peer that does not answer within
+		// directHead (it takes directTimeout to give up on it) does not
+		// hold up the other mechanisms: they run alongside, as soon as
+		// they can (a first path to a relay, our NAT kind or an
+		// allocation may arrive meanwhile).
+		done := make(chan error, 1)
+		go func() { done <- direct() }()
+		wait := time.NewTimer(directHead)
+		defer wait.Stop()
+		pending := true
+		for {
+			select {
+			case err := <-done:
+				pending = false
+				if err == nil {
+					errs = nil
+					return
+				}
+				errs = append(errs, err)
+			case <-wait.C:
+				wait.Reset(replanEvery)
+			case <-ctx.Done():
+				<-done
+				return
+			}
+			paths := m.mesh.Paths()
+			for _, p := range paths {
+				if p.Peer == mem.Name && p.Kind != PathRelayed {
+					if pending {
+						<-done
+					}
+					return // (the peer got through to us meanwhile)
+				}
+			}
+			m.mu.Lock()
+			fresh := m.planLocked(mem.Name, ps, paths, time.Now())
+			m.mu.Unlock()
+			if fresh.punch || fresh.relay || !pending {
+				pl.punch, pl.relay, pl.introducers, pl.allocs = fresh.punch, fresh.relay, fresh.introducers, fresh.allocs
+				break
+			}
+		}
+		if pending {
+			defer func() {
+				if err := <-done; err != nil {
+					errs = append(errs, err)
+				}
+			}()
+		}
 	}
 	if ctx.Err() != nil {
 		return
 	}
-	if doRelay {
+	if pl.relay {
 		err := errors.New("no allocation on another relay")
-		for _, ma := range allocs {
-			if ma.relay == mem.Name {
-				continue
-			}
+		for _, ma := range pl.allocs {
 			if err = m.relayTo(ctx, ma, mem.Name); err == nil || ctx.Err() != nil {
 				break
 			}
@@ -632,9 +699,9 @@ func (m *Manager) attempt(ctx context.Context, mem Member, ps *peerState, doDire
 	if ctx.Err() != nil {
 		return
 	}
-	if doPunch {
+	if pl.punch {
 		var err error
-		for _, in := range introducers {
+		for _, in := range pl.introducers {
 			pctx, cancel := context.WithTimeout(ctx, 2*hs)
 			err = m.mesh.PunchVia(pctx, mem.Name, in)
 			cancel()
@@ -657,8 +724,10 @@ func (m *Manager) attempt(ctx context.Context, mem Member, ps *peerState, doDire
 		}
 		errs = append(errs, fmt.Errorf("punch: %w", err))
 	}
-	if doDirect && directLast && ctx.Err() == nil {
-		direct()
+	if pl.direct && pl.directLast && ctx.Err() == nil {
+		if err := direct(); err != nil {
+			errs = append(errs, err)
+		}
 	}
 }
 
