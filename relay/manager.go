@@ -34,18 +34,29 @@ import (
 //     changed public address closes our punched paths (peers send to the
 //     old mapping) and re-punches at once.
 //   - Per member without a live path: direct (Connect to its advertised
-//     address); punched (PunchVia every node we reach directly) unless
-//     either side is symmetric; relayed when we are symmetric (or, as a
-//     fallback, after punching failed repeatedly): our allocation on a
-//     relay X and the "relay" introduction, which has the member dial our
-//     relayed address from its primary socket. A member reached only
-//     through a relay is punched again (with backoff) when neither side is
-//     symmetric, so the pair upgrades.
+//     address; a first try gets a head start of directHead, then the other
+//     mechanisms run alongside); punched (PunchVia the nodes we reach
+//     directly, relays first) unless either side is symmetric, once our own
+//     kind is known; relayed when we are symmetric (or, as a fallback,
+//     after punching failed repeatedly): our allocation on a relay X and
+//     the "relay" introduction, which has the member dial our relayed
+//     address from its primary socket. A member reached only through a
+//     relay is tried direct and, when neither side is symmetric, punched
+//     again (with backoff), so the pair upgrades.
 //   - Allocations: a node that needs them holds one on each of (up to
 //     maxAllocations) relays it reaches directly, so failover is
-//     immediate; an allocation on a relay we lost our path to is
-//     released, one whose credentials are 3/4 through CredentialTTL is
-//     replaced (new allocation, peers moved over, then the old released).
+//     immediate. An allocation is released when the path to its relay
+//     drops, when the relay's STUN server stops answering (a killed relay
+//     is noticed in seconds, not after the mesh's idle timeout; only if
+//     another relay is usable) or when permissions on it keep failing; one
+//     whose credentials are 3/4 through CredentialTTL, or made before our
+//     public address changed, is replaced (new allocation, peers moved
+//     over, then the old released).
+//
+// Known limits: an allocation that pion fails to refresh is only noticed
+// through failing permissions, a lost relay or renewal; Close may wait for
+// a TURN permission request in flight (pion retransmits it for about 8 s
+// when the server does not answer).
 
 // Member is one member of the circle as the membership layer (memberlist,
 // through the replicator) knows it.
