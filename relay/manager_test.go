@@ -255,6 +255,27 @@ func TestManagerPunchFallbackAndUpgrade(t *testing.T) {
 	c.echoAll(basePaths("r")[3:4])
 }
 
+// TestManagerBothSymmetric: c and d, each behind a symmetric NAT, get a
+// relayed path (the TURN permission is per IP, so d's fresh port towards
+// the relay does not matter).
+func TestManagerBothSymmetric(t *testing.T) {
+	c, inet := newCircle(t)
+	c.add("r", c.lab.Host(inet, "r", "198.18.0.10"), nodeOpts{relay: true})
+	homeC := c.lab.Router(inet, "homeC", "198.18.0.40", "100.64.3.0/24", netlab.Symmetric)
+	homeD := c.lab.Router(inet, "homeD", "198.18.0.50", "100.64.4.0/24", netlab.Symmetric)
+	c.add("c", c.lab.Host(homeC, "c", "100.64.3.2"), nodeOpts{})
+	c.add("d", c.lab.Host(homeD, "d", "100.64.4.2"), nodeOpts{})
+	paths := []want{
+		{"c", "r", relay.PathDirect, ""},
+		{"d", "r", relay.PathDirect, ""},
+		{"c", "d", relay.PathRelayed, "r"},
+	}
+	took := c.waitPaths(fullMeshWithin, "c and d relayed", paths)
+	t.Logf("c and d relayed %v after the start", took)
+	checkNAT(t, c, map[string]relay.NATKind{"c": relay.NATSymmetric, "d": relay.NATSymmetric})
+	c.echoAll(paths)
+}
+
 // TestManagerLoopback: two nodes on loopback, one a relay: direct path,
 // NAT none on both, Close is idempotent and leaves no goroutines.
 func TestManagerLoopback(t *testing.T) {
