@@ -38,7 +38,7 @@ var acceptancePaths = map[string]map[string]string{
 func TestNATCircleForms(t *testing.T) {
 	l := newNATLab(t, natSpec{})
 	l.start()
-	took := l.waitPaths(60*time.Second, acceptancePaths)
+	took := l.waitPaths(45*time.Second, acceptancePaths)
 	t.Logf("paths as required %v after the circle formed", took.Round(time.Millisecond))
 
 	for viewer, peers := range acceptancePaths {
@@ -208,7 +208,7 @@ func TestNATRelayDown(t *testing.T) {
 	l := newNATLab(t, natSpec{})
 	l.start()
 	r, a, b, c := l.nodes["r"], l.nodes["a"], l.nodes["b"], l.nodes["c"]
-	l.waitPaths(60*time.Second, acceptancePaths)
+	l.waitPaths(45*time.Second, acceptancePaths)
 	if err := a.addUser("ana", "correct horse battery"); err != nil {
 		t.Fatal(err)
 	}
@@ -455,7 +455,7 @@ func TestNATPortChange(t *testing.T) {
 	l := newNATLab(t, natSpec{})
 	l.start()
 	a, b, c := l.nodes["a"], l.nodes["b"], l.nodes["c"]
-	l.waitPaths(60*time.Second, acceptancePaths)
+	l.waitPaths(45*time.Second, acceptancePaths)
 	before := a.mustStatus().Mesh.Public
 
 	changed := time.Now()

@@ -93,7 +93,6 @@ type natNode struct {
 	services   []string // "NAME UPSTREAM" lines
 	app        bool     // serves the app.<domain> site proxying to the whoami service
 	manual     bool     // not started by natLab.start (the test starts it)
-	cleanup    bool     // the kill at the end of the test is registered
 	cmd        *exec.Cmd
 	done       chan struct{}
 	log        *syncBuffer
@@ -137,6 +136,10 @@ func newNATLab(t *testing.T, spec natSpec) *natLab {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(l.sockDir) })
+	// At the end: the nodes are killed (before the lab goes), after a dump
+	// of every node's view and log if the test failed.
+	t.Cleanup(l.killAll)
+	t.Cleanup(l.dumpIfFailed)
 
 	l.inet = lab.Internet("198.18.0.0/24")
 	l.ns["x"] = lab.Host(l.inet, "x", natClient)
@@ -190,6 +193,32 @@ func newNATLab(t *testing.T, spec natSpec) *natLab {
 		spec.beforeStart(l)
 	}
 	return l
+}
+
+// killAll kills every node still running.
+func (l *natLab) killAll() {
+	for _, n := range l.nodes {
+		n.kill()
+	}
+}
+
+// dumpIfFailed logs every node's status and log if the test failed.
+func (l *natLab) dumpIfFailed() {
+	t := l.t
+	if !t.Failed() {
+		return
+	}
+	for _, name := range l.order {
+		n := l.nodes[name]
+		if n.log == nil {
+			continue
+		}
+		st := "(not running)"
+		if n.cmd != nil {
+			st = n.statusText()
+		}
+		t.Logf("---- %s: status ----\n%s\n---- %s: log ----\n%s", n.name, st, n.name, tail(quietLog(n.log.String()), 12000))
+	}
 }
 
 // addNode prepares a node in the namespace of the same name.
@@ -305,12 +334,6 @@ func (n *natNode) launch() {
 	n.cmd = cmd
 	n.done = make(chan struct{})
 	go func(done chan struct{}) { cmd.Wait(); close(done) }(n.done)
-	if !n.cleanup {
-		// Once, at the first launch: the status dump of natLab.start
-		// must run before it.
-		n.cleanup = true
-		t.Cleanup(n.kill)
-	}
 }
 
 // waitUp waits until the launched node's admin API answers /circle/status.
@@ -374,25 +397,8 @@ func (l *natLab) start() {
 	for _, n := range rest {
 		n.waitUp()
 	}
-	// On failure, show every node's view and log (runs before the kills).
-	t.Cleanup(func() {
-		if !t.Failed() {
-			return
-		}
-		for _, name := range l.order {
-			n := l.nodes[name]
-			if n.log == nil {
-				continue
-			}
-			st := "(not running)"
-			if n.cmd != nil {
-				st = n.statusText()
-			}
-			t.Logf("---- %s: status ----\n%s\n---- %s: log ----\n%s", n.name, st, n.name, tail(quietLog(n.log.String()), 12000))
-		}
-	})
 	t.Logf("processes up in %v", time.Since(start).Round(time.Millisecond))
-	l.waitAlive(90*time.Second, names...)
+	l.waitAlive(45*time.Second, names...)
 	t.Logf("circle of %d formed in %v", len(names), time.Since(start).Round(time.Millisecond))
 }
 
