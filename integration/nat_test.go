@@ -252,9 +252,9 @@ func TestNATRelayDown(t *testing.T) {
 	c.waitAccounts(60*time.Second, 2)
 	t.Logf("c caught up %v after r was restarted", time.Since(back).Round(time.Millisecond))
 	loginOnce(t, c.localWeb(), "c", "bob", "correct horse battery")
-	// c's relayed paths need a new allocation on the new r: c's manager
-	// notices the old one is gone only when its permissions fail (~40 s).
-	l.waitPaths(90*time.Second, acceptancePaths)
+	// c's relayed paths need a new allocation on the new r (the old one
+	// went with r's old process).
+	l.waitPaths(60*time.Second, acceptancePaths)
 	t.Logf("all paths as required %v after r was restarted", time.Since(back).Round(time.Millisecond))
 }
 
