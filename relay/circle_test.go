@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
 	"sort"
@@ -44,8 +45,9 @@ type circle struct {
 	lab *netlab.Lab
 	log *slog.Logger
 
-	mu    sync.Mutex
-	nodes map[string]*circleNode // live members
+	mu     sync.Mutex
+	nodes  map[string]*circleNode // live members
+	hidden map[string]*circleNode // live, but not members
 }
 
 // testLog is a slog handler writer into t.Log that goes quiet once the
@@ -82,7 +84,7 @@ func newCircle(t *testing.T) (*circle, *netlab.Node) {
 		level = slog.LevelDebug
 	}
 	c := &circle{
-		t: t, lab: lab, nodes: map[string]*circleNode{},
+		t: t, lab: lab, nodes: map[string]*circleNode{}, hidden: map[string]*circleNode{},
 		log: slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level})),
 	}
 	return c, lab.Internet("198.18.0.0/24")
@@ -114,8 +116,9 @@ func (c *circle) members(self string) func() []relay.Member {
 }
 
 type nodeOpts struct {
-	relay bool          // run a TURN server (and advertise it in hellos)
-	ttl   time.Duration // ManagerConfig.CredentialTTL
+	relay  bool          // run a TURN server (and advertise it in hellos)
+	ttl    time.Duration // ManagerConfig.CredentialTTL
+	hidden bool          // not in the others' members (memberlist does not know it yet)
 }
 
 // add starts node name on host: mesh on port 7000, Manager, and for a
@@ -156,9 +159,23 @@ func (c *circle) add(name string, host *netlab.Node, o nodeOpts) *circleNode {
 	serveEchoOn(t, n.mesh)
 	t.Cleanup(n.stop)
 	c.mu.Lock()
-	c.nodes[name] = n
+	if o.hidden {
+		c.hidden[name] = n
+	} else {
+		c.nodes[name] = n
+	}
 	c.mu.Unlock()
 	return n
+}
+
+// node returns the live node name (member or hidden).
+func (c *circle) node(name string) *circleNode {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if n := c.nodes[name]; n != nil {
+		return n
+	}
+	return c.hidden[name]
 }
 
 // remove stops a node and takes it out of everyone's members.
@@ -230,14 +247,29 @@ func tryEcho(m *relay.Mesh, peer string, msg []byte) error {
 	return nil
 }
 
-// best returns n's best path to peer (per its Manager's Status).
+// best returns n's best path to peer: the one its Manager's Status
+// reports for a member, else the best of its mesh's paths (same order:
+// direct, punched, relayed; newest first).
 func (n *circleNode) best(peer string) (relay.PathInfo, bool) {
 	for _, ps := range n.mgr.Status().Peers {
 		if ps.Name == peer {
 			return ps.Path, ps.Connected
 		}
 	}
-	return relay.PathInfo{}, false
+	rank := map[relay.PathKind]int{relay.PathDirect: 0, relay.PathPunched: 1, relay.PathRelayed: 2}
+	var best *relay.PathInfo
+	paths := n.mesh.Paths()
+	for i := range paths {
+		p := &paths[i]
+		if p.Peer == peer && (best == nil || rank[p.Kind] < rank[best.Kind] ||
+			rank[p.Kind] == rank[best.Kind] && !p.Since.Before(best.Since)) {
+			best = p
+		}
+	}
+	if best == nil {
+		return relay.PathInfo{}, false
+	}
+	return *best, true
 }
 
 // want is an expected best path between two nodes, checked at both ends.
@@ -250,7 +282,8 @@ type want struct {
 // check reports what in ws does not hold yet ("" if everything does).
 func (c *circle) check(ws []want) string {
 	c.mu.Lock()
-	nodes := c.nodes
+	nodes := maps.Clone(c.nodes)
+	maps.Copy(nodes, c.hidden)
 	c.mu.Unlock()
 	var bad []string
 	for _, w := range ws {
@@ -291,8 +324,10 @@ func (c *circle) waitPaths(d time.Duration, what string, ws []want) time.Duratio
 // dump logs every node's status.
 func (c *circle) dump() {
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	for name, n := range c.nodes {
+	nodes := maps.Clone(c.nodes)
+	maps.Copy(nodes, c.hidden)
+	c.mu.Unlock()
+	for name, n := range nodes {
 		st := n.mgr.Status()
 		c.t.Logf("%s: nat=%s public=%s relays=%v allocations=%d", name, st.NAT, st.Public, st.Relays, len(st.Allocations))
 		for _, p := range st.Peers {
@@ -310,9 +345,7 @@ func (c *circle) echoAll(ws []want) {
 	c.t.Helper()
 	for _, w := range ws {
 		for _, end := range [][2]string{{w.x, w.y}, {w.y, w.x}} {
-			c.mu.Lock()
-			n := c.nodes[end[0]]
-			c.mu.Unlock()
+			n := c.node(end[0])
 			if err := tryEcho(n.mesh, end[1], []byte(fmt.Sprintf("%s to %s over %s", end[0], end[1], w.kind))); err != nil {
 				c.t.Fatalf("echo %s -> %s: %v", end[0], end[1], err)
 			}

@@ -3,6 +3,7 @@ package relay
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -61,7 +62,14 @@ type introMsg struct {
 	NAT   NATKind            `json:"nat,omitempty"`
 	NATs  map[string]NATKind `json:"nats,omitempty"`
 	Error string             `json:"error,omitempty"`
+	// NoPath marks an error reply of an introducer that lacks a direct
+	// path to a node the request needs (cheap to retry soon).
+	NoPath bool `json:"nopath,omitempty"`
 }
+
+// errIntroducerNoPath is wrapped by errors from introductions the
+// introducer refused for want of a direct path to a node.
+var errIntroducerNoPath = errors.New("the introducer lacks a direct path")
 
 // exchange writes msg on c and reads the answer, within d.
 func exchange(c net.Conn, msg introMsg, d time.Duration) (introMsg, error) {
@@ -72,6 +80,9 @@ func exchange(c net.Conn, msg introMsg, d time.Duration) (introMsg, error) {
 	var res introMsg
 	if err := json.NewDecoder(io.LimitReader(c, maxIntroduceMsg)).Decode(&res); err != nil {
 		return introMsg{}, err
+	}
+	if res.NoPath {
+		return res, fmt.Errorf("relay: %s: %w", res.Error, errIntroducerNoPath)
 	}
 	if res.Error != "" {
 		return res, fmt.Errorf("relay: %s", res.Error)
@@ -133,7 +144,12 @@ func (m *Mesh) serveIntroduce(c net.Conn) {
 	if err := dec.Decode(&req); err != nil {
 		return
 	}
-	m.learnNAT(from, req.NAT)
+	switch req.Op {
+	case "punch", "connect":
+		m.learnNAT(req.Peer, req.NAT) // the kind of the node we are asked to reach
+	default:
+		m.learnNAT(from, req.NAT) // the requester's own
+	}
 	reply := func(msg introMsg) {
 		msg.V = meshVersion
 		json.NewEncoder(c).Encode(msg)
@@ -143,7 +159,7 @@ func (m *Mesh) serveIntroduce(c net.Conn) {
 		fromAddr, ok1 := m.observed(from)
 		peerAddr, ok2 := m.observed(req.Peer)
 		if !ok1 || !ok2 || req.Peer == from {
-			reply(introMsg{Error: fmt.Sprintf("%s has no direct paths to both %s and %s", m.cfg.Name, from, req.Peer), NAT: m.natOf(req.Peer)})
+			reply(introMsg{Error: fmt.Sprintf("%s has no direct paths to both %s and %s", m.cfg.Name, from, req.Peer), NAT: m.natOf(req.Peer), NoPath: true})
 			return
 		}
 		if m.natOf(req.Peer) == NATSymmetric || m.natOf(from) == NATSymmetric {
@@ -181,7 +197,7 @@ func (m *Mesh) serveIntroduce(c net.Conn) {
 	case "observe":
 		addr, ok := m.observed(from)
 		if !ok {
-			reply(introMsg{Error: fmt.Sprintf("%s has no direct path to %s", m.cfg.Name, from)})
+			reply(introMsg{Error: fmt.Sprintf("%s has no direct path to %s", m.cfg.Name, from), NoPath: true})
 			return
 		}
 		reply(introMsg{Addr: addr.String(), NAT: m.natOf(""), NATs: m.natsKnown()})
@@ -212,7 +228,7 @@ func (m *Mesh) serveIntroduce(c net.Conn) {
 func (m *Mesh) serveRelay(c net.Conn, dec *json.Decoder, from string, req introMsg, reply func(introMsg)) {
 	peerAddr, ok := m.observed(req.Peer)
 	if !ok || req.Peer == from || from == "" {
-		reply(introMsg{Error: fmt.Sprintf("%s has no direct path to %s", m.cfg.Name, req.Peer)})
+		reply(introMsg{Error: fmt.Sprintf("%s has no direct path to %s", m.cfg.Name, req.Peer), NoPath: true})
 		return
 	}
 	if _, err := net.ResolveUDPAddr("udp", req.Addr); err != nil {

@@ -148,6 +148,7 @@ const (
 	directTimeout   = 3 * time.Second        // bound on one direct attempt
 	directHead      = 500 * time.Millisecond // head start of a first direct attempt
 	replanEvery     = 250 * time.Millisecond // while it runs on, how often the rest is reconsidered
+	cheapRetry      = 2 * time.Second        // retry of an introduction refused for want of a path
 	punchFallback   = 2                      // failed punches before relaying anyway
 	punchGrace      = 3 * time.Second        // the larger name waits this long before punching too
 	maxAllocations  = 2
@@ -183,6 +184,7 @@ type Manager struct {
 	measureNow bool                     // re-measure at the next tick
 	relays     map[string]string        // relays we have a direct path to: name -> TURN address
 	suspect    map[string]time.Time     // relays whose STUN server did not answer, since
+	known      map[string]knownRelay    // relays we have been connected to, by name
 	allocs     map[string]*managedAlloc // by relay name
 	allocBusy  map[string]bool
 	allocNext  map[string]*backoff
@@ -242,6 +244,10 @@ func (b *backoff) fail(now time.Time) {
 
 func (b *backoff) reset() { *b = backoff{} }
 
+// soon schedules a cheap retry (the attempt was refused at once, e.g. by
+// an introducer still waiting for a path) without growing the backoff.
+func (b *backoff) soon(now time.Time) { b.next = now.Add(cheapRetry) }
+
 // NewManager starts the policy loop for cfg.Mesh.
 func NewManager(cfg ManagerConfig) (*Manager, error) {
 	if cfg.Mesh == nil || cfg.Members == nil {
@@ -261,7 +267,7 @@ func NewManager(cfg ManagerConfig) (*Manager, error) {
 		cfg: cfg, mesh: cfg.Mesh, log: orDiscard(cfg.Logger).With("node", cfg.Mesh.Name()),
 		listen: cfg.ListenPacket, relay: cfg.Mesh.cfg.TURN != "",
 		ctx: ctx, cancel: cancel, wake: make(chan struct{}, 1),
-		nat: NATUnknown, relays: map[string]string{}, suspect: map[string]time.Time{}, allocs: map[string]*managedAlloc{},
+		nat: NATUnknown, relays: map[string]string{}, known: map[string]knownRelay{}, suspect: map[string]time.Time{}, allocs: map[string]*managedAlloc{},
 		allocBusy: map[string]bool{}, allocNext: map[string]*backoff{}, peers: map[string]*peerState{},
 	}
 	if m.listen == nil {
@@ -358,6 +364,12 @@ func (m *Manager) tick() {
 	for name := range relays {
 		if _, ok := m.relays[name]; !ok {
 			m.measureNow = true // tell it our NAT kind
+			// A new (or returning) relay: introductions through it may
+			// work now.
+			for _, ps := range m.peers {
+				ps.punch.reset()
+				ps.relay.reset()
+			}
 		}
 	}
 	m.relays = relays
@@ -392,9 +404,9 @@ func (m *Manager) tick() {
 
 	// Allocations.
 	wantAllocs := m.nat == NATSymmetric
-	for _, ps := range m.peers {
-		if ps.punchFails >= punchFallback {
-			wantAllocs = true
+	for name, ps := range m.peers {
+		if ps.punchFails >= punchFallback && !ps.needSince.IsZero() && m.mesh.natOf(name) != NATSymmetric {
+			wantAllocs = true // relaying as a fallback
 		}
 	}
 	for name, ma := range m.allocs {
@@ -460,6 +472,33 @@ func (m *Manager) tick() {
 		}
 	}
 
+	// Relays stay worth a direct attempt after they left the members
+	// (dead to memberlist): nodes behind NAT cannot be dialed, so when a
+	// relay comes back it is up to them to reconnect, and memberlist stops
+	// gossiping to dead nodes after a while.
+	extra := map[string]bool{}
+	isMember := map[string]bool{}
+	for _, mem := range members {
+		isMember[mem.Name] = true
+		if _, ok := m.relays[mem.Name]; ok {
+			m.known[mem.Name] = knownRelay{addr: mem.Addr, seen: now}
+		}
+	}
+	for name, kr := range m.known {
+		_, connected := m.relays[name]
+		switch {
+		case isMember[name]:
+		case connected:
+			kr.seen = now
+			m.known[name] = kr
+		case now.Sub(kr.seen) > rememberRelays:
+			delete(m.known, name)
+		default:
+			members = append(members, Member{Name: name, Addr: kr.addr})
+			extra[name] = true
+		}
+	}
+
 	// Members.
 	seen := map[string]bool{}
 	for _, mem := range members {
@@ -503,6 +542,9 @@ func (m *Manager) tick() {
 			continue
 		}
 		pl := m.planLocked(mem.Name, ps, paths, now)
+		if extra[mem.Name] {
+			pl = plan{directOnly: true} // a relay we knew
+		}
 		pl.direct = ps.direct.due(now)
 		// A direct attempt that failed before goes last, so that it does
 		// not hold up the mechanisms that work (it takes directTimeout
@@ -526,8 +568,20 @@ func (m *Manager) tick() {
 	}
 }
 
+// knownRelay is a relay this node was connected to: its advertised
+// address, and when it was last a member or connected.
+type knownRelay struct {
+	addr string
+	seen time.Time
+}
+
+// rememberRelays is how long a relay that left the members is still
+// dialed (with backoff).
+const rememberRelays = 24 * time.Hour
+
 // plan is what an attempt tries for one member.
 type plan struct {
+	directOnly         bool // (a relay that is no longer a member)
 	direct, directLast bool
 	punch, relay       bool
 	introducers        []string        // for punching
@@ -668,9 +722,12 @@ func (m *Manager) attempt(ctx context.Context, mem Member, ps *peerState, pl pla
 					return // (the peer got through to us meanwhile)
 				}
 			}
-			m.mu.Lock()
-			fresh := m.planLocked(mem.Name, ps, paths, time.Now())
-			m.mu.Unlock()
+			var fresh plan
+			if !pl.directOnly {
+				m.mu.Lock()
+				fresh = m.planLocked(mem.Name, ps, paths, time.Now())
+				m.mu.Unlock()
+			}
 			if fresh.punch || fresh.relay || !pending {
 				pl.punch, pl.relay, pl.introducers, pl.allocs = fresh.punch, fresh.relay, fresh.introducers, fresh.allocs
 				break
@@ -695,9 +752,12 @@ func (m *Manager) attempt(ctx context.Context, mem Member, ps *peerState, pl pla
 			}
 		}
 		m.mu.Lock()
-		if err == nil {
+		switch {
+		case err == nil:
 			ps.relay.reset()
-		} else {
+		case errors.Is(err, errIntroducerNoPath):
+			ps.relay.soon(time.Now())
+		default:
 			ps.relay.fail(time.Now())
 		}
 		m.mu.Unlock()
@@ -712,19 +772,28 @@ func (m *Manager) attempt(ctx context.Context, mem Member, ps *peerState, pl pla
 	}
 	if pl.punch {
 		var err error
+		refused := true // by every introducer, for want of a path
 		for _, in := range pl.introducers {
 			pctx, cancel := context.WithTimeout(ctx, 2*hs)
 			err = m.mesh.PunchVia(pctx, mem.Name, in)
 			cancel()
+			if !errors.Is(err, errIntroducerNoPath) {
+				refused = false
+			}
 			if err == nil || ctx.Err() != nil {
 				break
 			}
 		}
 		m.mu.Lock()
-		if err == nil {
+		switch {
+		case err == nil:
 			ps.punch.reset()
 			ps.punchFails = 0
-		} else {
+		case refused:
+			ps.punch.soon(time.Now())
+		case m.mesh.natOf(mem.Name) == NATSymmetric:
+			ps.punch.fail(time.Now()) // (learnt just now: no more punching)
+		default:
 			ps.punch.fail(time.Now())
 			ps.punchFails++
 		}

@@ -40,6 +40,11 @@ func TestManagerNATLab(t *testing.T) {
 	if len(st.Allocations) != 1 || st.Allocations[0].Relay != "r" || st.Relays["r"] != "198.18.0.10:3478" {
 		t.Errorf("c: relays %v, allocations %+v", st.Relays, st.Allocations)
 	}
+	for _, name := range []string{"a", "b", "r"} {
+		if al := c.nodes[name].mgr.Status().Allocations; len(al) != 0 {
+			t.Errorf("%s holds allocations: %+v", name, al)
+		}
+	}
 	if pub := c.nodes["a"].mgr.Status().Public; pub != "198.18.0.20:7000" {
 		t.Errorf("a's public address %q", pub)
 	}
@@ -121,6 +126,32 @@ func TestManagerRelayKilled(t *testing.T) {
 	})
 	t.Logf("failover to r2 took %v (the mesh idle timeout is %v)", took, relay.DefaultIdleTimeout)
 	c.echoAll([]want{{"c", "a", relay.PathRelayed, "r2"}, {"c", "b", relay.PathRelayed, "r2"}})
+}
+
+// TestManagerRelayReturns: r goes away and comes back (a new process on
+// the same address) before the membership layer knows it is alive again:
+// the NATed nodes, which r cannot dial, reconnect to it on their own and
+// c relays through it again.
+func TestManagerRelayReturns(t *testing.T) {
+	c, inet := newCircle(t)
+	hosts := baseTopology(c, inet, nil, nil)
+	c.waitPaths(fullMeshWithin, "full mesh", basePaths("r"))
+	c.remove(c.nodes["r"])
+	eventually(t, 10*time.Second, "c to release its allocation on r", func() bool {
+		return len(c.nodes["c"].mgr.Status().Allocations) == 0
+	})
+	time.Sleep(2 * time.Second) // the others' direct attempts to r fail meanwhile
+
+	start := time.Now()
+	c.add("r", hosts["r"], nodeOpts{relay: true, hidden: true})
+	took := c.waitPaths(45*time.Second, "back to the base paths", basePaths("r"))
+	t.Logf("base paths again %v after r returned (%v since start)", took, time.Since(start))
+	c.echoAll(basePaths("r"))
+	for _, name := range []string{"a", "b"} {
+		if al := c.nodes[name].mgr.Status().Allocations; len(al) != 0 {
+			t.Errorf("%s holds allocations: %+v", name, al)
+		}
+	}
 }
 
 // TestManagerPortChange: a's home router forgets its mappings and hands
