@@ -42,7 +42,12 @@ import (
 //     the "relay" introduction, which has the member dial our relayed
 //     address from its primary socket. A member reached only through a
 //     relay is tried direct and, when neither side is symmetric, punched
-//     again (with backoff), so the pair upgrades.
+//     again (with backoff), so the pair upgrades. Relays we have been
+//     connected to are dialed (direct only) for rememberRelays after they
+//     left the members: a relay that comes back cannot dial nodes behind
+//     NAT, and the membership layer may have given up on it. An
+//     introduction refused at once for want of a path is retried after
+//     cheapRetry, without growing the backoff.
 //   - Allocations: a node that needs them holds one on each of (up to
 //     maxAllocations) relays it reaches directly, so failover is
 //     immediate. An allocation is released when the path to its relay
