@@ -14,14 +14,23 @@ import (
 // fullMeshWithin bounds how long the base topology may take to settle.
 const fullMeshWithin = 30 * time.Second
 
+// checkNAT waits (briefly: a measurement whose observation failed is
+// redone a second later) for the NAT kinds.
 func checkNAT(t *testing.T, c *circle, kinds map[string]relay.NATKind) {
 	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
 	for name, k := range kinds {
-		c.mu.Lock()
-		n := c.nodes[name]
-		c.mu.Unlock()
-		if st := n.mgr.Status(); st.NAT != k {
-			t.Errorf("%s: NAT %s, want %s (public %s)", name, st.NAT, k, st.Public)
+		n := c.node(name)
+		for {
+			st := n.mgr.Status()
+			if st.NAT == k {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Errorf("%s: NAT %s, want %s (public %s)", name, st.NAT, k, st.Public)
+				break
+			}
+			time.Sleep(50 * time.Millisecond)
 		}
 	}
 }
