@@ -167,9 +167,10 @@ func TestServiceTransportFailover(t *testing.T) {
 	}
 }
 
-// countServer is a TCP upstream that reads until EOF, then answers the
-// number of bytes it read and closes: it needs half-close to work.
-func countServer(t *testing.T) string {
+// tcpServer serves handle (on its own goroutine, conn closed after it)
+// for every connection to a loopback listener until the test ends, and
+// returns the listener's address.
+func tcpServer(t *testing.T, handle func(net.Conn)) string {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -189,13 +190,22 @@ func countServer(t *testing.T) string {
 			go func() {
 				defer wg.Done()
 				defer c.Close()
-				c.SetDeadline(time.Now().Add(10 * time.Second))
-				n, _ := io.Copy(io.Discard, c)
-				fmt.Fprintf(c, "%d", n)
+				handle(c)
 			}()
 		}
 	}()
 	return l.Addr().String()
+}
+
+// countServer is a TCP upstream that reads until EOF, then answers the
+// number of bytes it read and closes: it needs half-close to work.
+func countServer(t *testing.T) string {
+	t.Helper()
+	return tcpServer(t, func(c net.Conn) {
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		n, _ := io.Copy(io.Discard, c)
+		fmt.Fprintf(c, "%d", n)
+	})
 }
 
 // TestServicesReload: a config reload that changes a service's upstream
@@ -383,34 +393,16 @@ git.circle.test {
 // accepted conn's end (the proxy closed it) on the returned channel.
 func holdServer(t *testing.T) (string, <-chan error) {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	ended := make(chan error, 16)
 	release := make(chan struct{})
-	var wg sync.WaitGroup
-	t.Cleanup(func() { l.Close(); close(release); wg.Wait() })
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				c.SetReadDeadline(time.Now().Add(20 * time.Second))
-				_, err := io.Copy(io.Discard, c) // returns when the proxy closes its side
-				ended <- err
-				<-release // never answer, keep our side open
-			}()
-		}
-	}()
-	return l.Addr().String(), ended
+	addr := tcpServer(t, func(c net.Conn) {
+		c.SetReadDeadline(time.Now().Add(20 * time.Second))
+		_, err := io.Copy(io.Discard, c) // returns when the proxy closes its side
+		ended <- err
+		<-release // never answer, keep our side open
+	})
+	t.Cleanup(func() { close(release) }) // runs before tcpServer's cleanup waits for handlers (LIFO)
+	return addr, ended
 }
 
 // TestServiceStreamsEnd: a proxied stream whose upstream never answers
