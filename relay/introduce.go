@@ -112,6 +112,20 @@ func (m *Mesh) PunchVia(ctx context.Context, peer, introducer string) error {
 	return m.Punch(ctx, peer, addr)
 }
 
+// ask sends msg to peer's IntroduceService and returns its answer, all
+// within the handshake timeout.
+func (m *Mesh) ask(peer string, msg introMsg) (introMsg, error) {
+	ctx, cancel := context.WithTimeout(m.ctx, m.cfg.HandshakeTimeout)
+	defer cancel()
+	pc, err := m.Dial(ctx, peer, IntroduceService)
+	if err != nil {
+		return introMsg{}, err
+	}
+	defer pc.Close()
+	msg.V = meshVersion
+	return exchange(pc, msg, m.cfg.HandshakeTimeout)
+}
+
 // observed returns the address peer's direct (or punched) connection to
 // us comes from, on our primary socket.
 func (m *Mesh) observed(peer string) (net.Addr, bool) {
@@ -166,16 +180,7 @@ func (m *Mesh) serveIntroduce(c net.Conn) {
 			reply(introMsg{Error: "cannot punch a symmetric NAT", NAT: m.natOf(req.Peer)})
 			return
 		}
-		ctx, cancel := context.WithTimeout(m.ctx, m.cfg.HandshakeTimeout)
-		defer cancel()
-		pc, err := m.Dial(ctx, req.Peer, IntroduceService)
-		if err != nil {
-			reply(introMsg{Error: err.Error()})
-			return
-		}
-		_, err = exchange(pc, introMsg{V: meshVersion, Op: "punch", Peer: from, Addr: fromAddr.String(), NAT: m.natOf(from)}, m.cfg.HandshakeTimeout)
-		pc.Close()
-		if err != nil {
+		if _, err := m.ask(req.Peer, introMsg{Op: "punch", Peer: from, Addr: fromAddr.String(), NAT: m.natOf(from)}); err != nil {
 			reply(introMsg{Error: err.Error(), NAT: m.natOf(req.Peer)})
 			return
 		}
@@ -241,16 +246,7 @@ func (m *Mesh) serveRelay(c net.Conn, dec *json.Decoder, from string, req introM
 	if err := dec.Decode(&goMsg); err != nil || goMsg.Op != "go" {
 		return
 	}
-	ctx, cancel := context.WithTimeout(m.ctx, m.cfg.HandshakeTimeout)
-	defer cancel()
-	pc, err := m.Dial(ctx, req.Peer, IntroduceService)
-	if err != nil {
-		reply(introMsg{Error: err.Error()})
-		return
-	}
-	_, err = exchange(pc, introMsg{V: meshVersion, Op: "connect", Peer: from, Addr: req.Addr, NAT: m.natOf(from)}, m.cfg.HandshakeTimeout)
-	pc.Close()
-	if err != nil {
+	if _, err := m.ask(req.Peer, introMsg{Op: "connect", Peer: from, Addr: req.Addr, NAT: m.natOf(from)}); err != nil {
 		reply(introMsg{Error: err.Error()})
 		return
 	}
