@@ -64,8 +64,6 @@ func (w *testLog) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-var labMu sync.Mutex
-
 // newCircle builds an empty lab with an internet 198.18.0.0/24 and marks
 // the test parallel. Logs go to t.Log at Info level (Debug with
 // RELAY_DEBUG=1).
@@ -75,10 +73,7 @@ func newCircle(t *testing.T) (*circle, *netlab.Node) {
 	t.Parallel()
 	w := &testLog{t: t}
 	t.Cleanup(func() { w.done.Store(true) }) // runs last
-	// netlab.New sweeps stale labs: not while another claims its prefix.
-	labMu.Lock()
-	lab := netlab.New(t)
-	labMu.Unlock()
+	lab := netlab.New(t)                     // safe to call concurrently
 	level := slog.LevelInfo
 	if os.Getenv("RELAY_DEBUG") != "" {
 		level = slog.LevelDebug

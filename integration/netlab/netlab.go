@@ -6,7 +6,10 @@
 // deleted in t.Cleanup (after killing processes left inside it), and New sweeps
 // namespaces of the same scheme left behind by crashed runs: an owner file in
 // /run/netlab records the pid and start time of the process that created a
-// prefix, and prefixes whose owner is gone are removed.
+// prefix (written before its first namespace), and prefixes whose owner is
+// gone are removed; namespaces without an owner file only once they are
+// older than orphanGrace. Labs may be created concurrently, across
+// processes too: claiming and sweeping hold an flock on /run/netlab/lock.
 //
 // Topology:
 //
@@ -98,6 +101,7 @@ const (
 const (
 	netnsDir = "/run/netns"
 	ownerDir = "/run/netlab"
+	lockName = "lock" // flock held while claiming a prefix and sweeping
 	// shiftedBase is where ChangeMapping moves a cone router's ports.
 	shiftedBase = 10000
 	shiftedSize = 10000
@@ -144,14 +148,50 @@ type Node struct {
 
 // New returns an empty lab. It skips the test unless it runs as root with
 // working "ip netns", iptables and conntrack; with CI=true it fails instead.
+//
+// Labs may be created concurrently, in one process or several (go test
+// runs packages in parallel): the owner file of a prefix is complete
+// before any of its namespaces exists, and claiming and sweeping happen
+// under an flock on /run/netlab/lock.
 func New(t testing.TB) *Lab {
 	t.Helper()
 	gate(t, check())
+	if err := os.MkdirAll(ownerDir, 0o755); err != nil {
+		t.Fatalf("netlab: %v", err)
+	}
+	unlock, err := lockOwners()
+	if err != nil {
+		t.Fatalf("netlab: %v", err)
+	}
 	sweepOnce.Do(func() { sweep(t) })
 	l := &Lab{t: t, parts: map[[2]*Node]bool{}}
 	l.prefix = claimPrefix(t)
+	unlock()
 	t.Cleanup(l.close)
 	return l
+}
+
+// lockOwners takes an exclusive flock on /run/netlab/lock (against other
+// processes and, as each call opens the file anew, other goroutines).
+func lockOwners() (unlock func(), err error) {
+	f, err := os.OpenFile(filepath.Join(ownerDir, lockName), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	for {
+		err = unix.Flock(int(f.Fd()), unix.LOCK_EX)
+		if err != unix.EINTR {
+			break
+		}
+	}
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("flock %s: %w", f.Name(), err)
+	}
+	return func() {
+		unix.Flock(int(f.Fd()), unix.LOCK_UN)
+		f.Close()
+	}, nil
 }
 
 // gate skips (or, with CI=true, fails) the test if err is not nil.
@@ -202,85 +242,126 @@ func procStart(pid int) string {
 	return f[19] // field 22 overall
 }
 
-func ownerAlive(prefix string) bool {
+// ownerState tells whether prefix's owner file names a live process
+// (alive), a dead one (dead), or is missing or unreadable (unknown).
+type ownerState int
+
+const (
+	ownerUnknown ownerState = iota
+	ownerAliveState
+	ownerDead
+)
+
+func ownerOf(prefix string) ownerState {
 	b, err := os.ReadFile(filepath.Join(ownerDir, prefix))
 	if err != nil {
-		return false
+		return ownerUnknown
 	}
 	f := strings.Fields(string(b))
 	if len(f) != 2 {
-		return false
+		return ownerUnknown
 	}
 	pid, err := strconv.Atoi(f[0])
 	if err != nil {
-		return false
+		return ownerUnknown
 	}
-	return procStart(pid) == f[1]
+	if procStart(pid) == f[1] {
+		return ownerAliveState
+	}
+	return ownerDead
 }
 
-// sweep deletes namespaces of the netlab scheme whose owning process is gone.
+func ownerAlive(prefix string) bool { return ownerOf(prefix) == ownerAliveState }
+
+// orphanGrace is how old a namespace (or owner file) of the scheme without
+// a readable owner file must be before sweep removes it: a lab created by
+// code that does not write its owner file first (or not under the lock)
+// is left alone while it may still run.
+var orphanGrace = 10 * time.Minute
+
+// olderThan reports whether path exists and was last changed before d ago.
+func olderThan(path string, d time.Duration) bool {
+	fi, err := os.Stat(path)
+	return err == nil && time.Since(fi.ModTime()) > d
+}
+
+// sweep deletes namespaces of the netlab scheme whose owning process is
+// gone: their owner file names a dead process, or they have none and are
+// older than orphanGrace. The caller holds the lock.
 func sweep(t testing.TB) {
 	ents, err := os.ReadDir(netnsDir)
 	if err != nil {
 		return
 	}
-	dead := map[string]bool{}
+	states := map[string]ownerState{}
 	for _, e := range ents {
 		m := nsNameRE.FindStringSubmatch(e.Name())
 		if m == nil {
 			continue
 		}
-		isDead, ok := dead[m[1]]
+		st, ok := states[m[1]]
 		if !ok {
-			isDead = !ownerAlive(m[1])
-			dead[m[1]] = isDead
+			st = ownerOf(m[1])
+			states[m[1]] = st
 		}
-		if isDead {
+		if st == ownerDead || st == ownerUnknown && olderThan(filepath.Join(netnsDir, e.Name()), orphanGrace) {
 			t.Logf("netlab: removing stale namespace %s", e.Name())
 			deleteNS(e.Name())
 		}
 	}
-	for p, isDead := range dead {
-		if isDead {
-			os.Remove(filepath.Join(ownerDir, p))
-		}
-	}
-	// Owner files without namespaces.
+	// Owner files of dead processes (their namespaces are gone now), and
+	// old unreadable ones.
 	if ents, err := os.ReadDir(ownerDir); err == nil {
 		for _, e := range ents {
-			if !ownerAlive(e.Name()) {
-				os.Remove(filepath.Join(ownerDir, e.Name()))
+			if e.Name() == lockName || strings.HasPrefix(e.Name(), ".") {
+				continue
+			}
+			path := filepath.Join(ownerDir, e.Name())
+			switch ownerOf(e.Name()) {
+			case ownerDead:
+				os.Remove(path)
+			case ownerUnknown:
+				if olderThan(path, orphanGrace) {
+					os.Remove(path)
+				}
 			}
 		}
 	}
 }
 
-// claimPrefix reserves a prefix by creating its owner file exclusively.
+// claimPrefix reserves a prefix by creating its owner file exclusively
+// and complete: written to a temporary file, then hard-linked into place
+// (link fails if the name exists). A prefix whose owner is dead is
+// cleaned and taken over. The caller holds the lock.
 func claimPrefix(t testing.TB) string {
-	if err := os.MkdirAll(ownerDir, 0o755); err != nil {
-		t.Fatalf("netlab: %v", err)
-	}
 	pid := os.Getpid()
 	owner := fmt.Sprintf("%d %s\n", pid, procStart(pid))
+	tmp, err := os.CreateTemp(ownerDir, ".claim-*")
+	if err != nil {
+		t.Fatalf("netlab: %v", err)
+	}
+	defer os.Remove(tmp.Name())
+	_, err = tmp.WriteString(owner)
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		t.Fatalf("netlab: %v", err)
+	}
 	for i := range 1000 {
 		p := fmt.Sprintf("cir%04dl%d", pid%10000, i)
-		f, err := os.OpenFile(filepath.Join(ownerDir, p), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+		err := os.Link(tmp.Name(), filepath.Join(ownerDir, p))
 		if errors.Is(err, os.ErrExist) {
-			if ownerAlive(p) {
+			if ownerOf(p) != ownerDead {
 				continue
 			}
 			// Stale prefix (owner died): clean it and take it over.
 			removePrefix(p)
-			f, err = os.OpenFile(filepath.Join(ownerDir, p), os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o644)
+			err = os.Link(tmp.Name(), filepath.Join(ownerDir, p))
 			if err != nil {
 				continue
 			}
 		} else if err != nil {
-			t.Fatalf("netlab: %v", err)
-		}
-		_, err = f.WriteString(owner)
-		f.Close()
-		if err != nil {
 			t.Fatalf("netlab: %v", err)
 		}
 		return p

@@ -642,3 +642,71 @@ func TestGate(t *testing.T) {
 		}
 	}
 }
+
+// TestConcurrentNew: labs created at the same time, in one process (and,
+// with go test ./..., in several), get distinct prefixes, and none
+// sweeps another's namespaces.
+func TestConcurrentNew(t *testing.T) {
+	New(t) // skip early unless namespaces work
+	const n = 8
+	var mu sync.Mutex
+	prefixes := map[string]int{}
+	t.Run("group", func(t *testing.T) {
+		for i := range n {
+			t.Run(fmt.Sprint(i), func(t *testing.T) {
+				t.Parallel()
+				lab := New(t)
+				inet := lab.Internet("198.18.0.0/24")
+				mu.Lock()
+				prefixes[lab.Prefix()]++ // live labs only
+				p := lab.Prefix()
+				t.Cleanup(func() { mu.Lock(); prefixes[p]--; mu.Unlock() })
+				mu.Unlock()
+				time.Sleep(500 * time.Millisecond) // let the others start
+				// This lab's namespace still exists, and its prefix is its own.
+				if !strings.Contains(netnsList(t), inet.NS) {
+					t.Errorf("namespace %s of a live lab is gone", inet.NS)
+				}
+				mu.Lock()
+				defer mu.Unlock()
+				if prefixes[lab.Prefix()] != 1 {
+					t.Errorf("prefix %s claimed %d times", lab.Prefix(), prefixes[lab.Prefix()])
+				}
+			})
+		}
+	})
+}
+
+// TestSweepOrphans: a namespace of the scheme without an owner file is
+// only swept once it is older than orphanGrace (a lab being created by
+// another process may not have written its owner file yet).
+func TestSweepOrphans(t *testing.T) {
+	New(t)                                                     // skip early unless namespaces work
+	orphan := fmt.Sprintf("cir9998l%dn0", 1000000+os.Getpid()) // never a real lab's
+	if out, err := exec.Command("ip", "netns", "add", orphan).CombinedOutput(); err != nil {
+		t.Fatalf("%v: %s", err, out)
+	}
+	t.Cleanup(func() { exec.Command("ip", "netns", "delete", orphan).Run() })
+	unlock, err := lockOwners()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sweep(t)
+	unlock()
+	if !strings.Contains(netnsList(t), orphan) {
+		t.Fatalf("sweep removed a young namespace without owner file")
+	}
+	old := orphanGrace
+	orphanGrace = 0
+	defer func() { orphanGrace = old }()
+	time.Sleep(10 * time.Millisecond)
+	unlock, err = lockOwners()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sweep(t)
+	unlock()
+	if strings.Contains(netnsList(t), orphan) {
+		t.Errorf("sweep kept an old namespace without owner file")
+	}
+}
