@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"reflect"
 	"regexp"
 	"sort"
 	"strconv"
@@ -14,7 +13,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/quic-go/quic-go"
 	"go.uber.org/zap"
 
 	"github.com/homecircle/circle/relay"
@@ -294,37 +292,13 @@ func pipe(ctx context.Context, stream, upstream net.Conn) {
 }
 
 // closeWrite closes c's write direction only, if it can (a TCP conn, or a
-// mesh stream: closing a QUIC stream sends its FIN and keeps reading);
-// else it closes c.
+// relay mesh stream: its CloseWrite sends the QUIC stream's FIN and keeps
+// reading); else it closes c.
 func closeWrite(c net.Conn) error {
 	if cw, ok := c.(interface{ CloseWrite() error }); ok {
 		return cw.CloseWrite()
 	}
-	if s := quicStream(c); s != nil {
-		return s.Close()
-	}
 	return c.Close()
-}
-
-// quicStream returns the QUIC stream under a relay mesh stream conn (it
-// embeds *quic.Stream; its own Close ends both directions), or nil.
-//
-// TODO: use a CloseWrite method once relay's stream conn has one.
-func quicStream(c net.Conn) *quic.Stream {
-	v := reflect.ValueOf(c)
-	if v.Kind() != reflect.Pointer || v.IsNil() {
-		return nil
-	}
-	v = v.Elem()
-	if v.Kind() != reflect.Struct {
-		return nil
-	}
-	f := v.FieldByName("Stream")
-	if !f.IsValid() || !f.CanInterface() {
-		return nil
-	}
-	s, _ := f.Interface().(*quic.Stream)
-	return s
 }
 
 // errNoServiceNode is the error when no node offers a service (the

@@ -23,6 +23,10 @@ func (m *Mesh) streamConn(mc *meshConn, s *quic.Stream) *streamConn {
 func (c *streamConn) LocalAddr() net.Addr  { return c.local }
 func (c *streamConn) RemoteAddr() net.Addr { return c.remote }
 
+// CloseWrite half-closes the stream: it sends FIN and keeps reading until
+// the peer's FIN (or Close).
+func (c *streamConn) CloseWrite() error { return c.Stream.Close() }
+
 // Close ends both directions: it sends FIN and stops reading.
 func (c *streamConn) Close() error {
 	var err error
