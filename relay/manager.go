@@ -45,18 +45,22 @@ import (
 //     again (with backoff), so the pair upgrades. Relays we have been
 //     connected to are dialed (direct only) for rememberRelays after they
 //     left the members: a relay that comes back cannot dial nodes behind
-//     NAT, and the membership layer may have given up on it. An
+//     NAT, and the membership layer may have given up on it. So direct
+//     attempts to a relay we knew back off to relayRedial at most. An
 //     introduction refused at once for want of a path is retried after
 //     cheapRetry, without growing the backoff.
 //   - Allocations: a node that needs them holds one on each of (up to
 //     maxAllocations) relays it reaches directly, so failover is
 //     immediate. An allocation is released when the path to its relay
-//     drops, when the relay's STUN server stops answering (a killed relay
-//     is noticed in seconds, not after the mesh's idle timeout; only if
-//     another relay is usable) or when permissions on it keep failing; one
-//     whose credentials are 3/4 through CredentialTTL, or made before our
-//     public address changed, is replaced (new allocation, peers moved
-//     over, then the old released).
+//     drops or the relay was restarted (a path to it with a new
+//     incarnation in its hello: the allocation died with the old process,
+//     even if the old path has not timed out yet), when the relay's STUN
+//     server stops answering (a killed relay is noticed in seconds, not
+//     after the mesh's idle timeout; only if another relay is usable) or
+//     when permissions on it keep failing; one whose credentials are 3/4
+//     through CredentialTTL, or made before our public address changed,
+//     is replaced (new allocation, peers moved over, then the old
+//     released).
 //
 // Known limits: an allocation that pion fails to refresh is only noticed
 // through failing permissions, a lost relay or renewal; Close may wait for
@@ -153,6 +157,7 @@ const (
 	directTimeout   = 3 * time.Second        // bound on one direct attempt
 	directHead      = 500 * time.Millisecond // head start of a first direct attempt
 	replanEvery     = 250 * time.Millisecond // while it runs on, how often the rest is reconsidered
+	relayRedial     = 4 * time.Second        // cap of the direct backoff towards a relay we knew (it cannot dial nodes behind NAT)
 	cheapRetry      = 2 * time.Second        // retry of an introduction refused for want of a path
 	punchFallback   = 2                      // failed punches before relaying anyway
 	punchGrace      = 3 * time.Second        // the larger name waits this long before punching too
@@ -188,6 +193,7 @@ type Manager struct {
 	checkedAt  time.Time                // last public address check
 	measureNow bool                     // re-measure at the next tick
 	relays     map[string]string        // relays we have a direct path to: name -> TURN address
+	relayInc   map[string]uint64        // their incarnations (newest path's hello)
 	suspect    map[string]time.Time     // relays whose STUN server did not answer, since
 	known      map[string]knownRelay    // relays we have been connected to, by name
 	allocs     map[string]*managedAlloc // by relay name
@@ -203,6 +209,7 @@ type Manager struct {
 type managedAlloc struct {
 	relay, server, key string
 	a                  *Allocation
+	inc                uint64 // the relay's incarnation when allocated (0: unknown)
 	since, expires     time.Time
 	renew              bool         // replace it now (guarded by Manager.mu)
 	permFails          atomic.Int32 // consecutive failed permissions
@@ -272,7 +279,7 @@ func NewManager(cfg ManagerConfig) (*Manager, error) {
 		cfg: cfg, mesh: cfg.Mesh, log: orDiscard(cfg.Logger).With("node", cfg.Mesh.Name()),
 		listen: cfg.ListenPacket, relay: cfg.Mesh.cfg.TURN != "",
 		ctx: ctx, cancel: cancel, wake: make(chan struct{}, 1),
-		nat: NATUnknown, relays: map[string]string{}, known: map[string]knownRelay{}, suspect: map[string]time.Time{}, allocs: map[string]*managedAlloc{},
+		nat: NATUnknown, relays: map[string]string{}, known: map[string]knownRelay{}, relayInc: map[string]uint64{}, suspect: map[string]time.Time{}, allocs: map[string]*managedAlloc{},
 		allocBusy: map[string]bool{}, allocNext: map[string]*backoff{}, peers: map[string]*peerState{},
 	}
 	if m.listen == nil {
@@ -350,16 +357,43 @@ func (m *Manager) tick() {
 	paths := m.mesh.Paths()
 	byPeer := map[string][]PathInfo{}
 	relays := map[string]string{}
-	for _, p := range paths {
+	incs := map[string]uint64{}
+	for _, p := range paths { // oldest first per peer
 		byPeer[p.Peer] = append(byPeer[p.Peer], p)
 		if p.TURN != "" && p.Kind == PathDirect {
 			relays[p.Peer] = p.TURN
+			if p.Inc != 0 {
+				incs[p.Peer] = p.Inc
+			}
 		}
 	}
 	members := m.members()
 
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	// A relay whose incarnation changed was restarted: our allocations on
+	// it died with its old process, even though a path to it never went
+	// away (a new connection, e.g. memberlist's, may come up before the
+	// old one times out).
+	for name, inc := range incs {
+		if old := m.relayInc[name]; old != 0 && old != inc {
+			m.log.Info("manager: relay restarted", "relay", name)
+			m.measureNow = true
+			for _, ps := range m.peers {
+				ps.punch.reset()
+				ps.relay.reset()
+			}
+			if bo := m.allocNext[name]; bo != nil {
+				bo.reset()
+			}
+		}
+		m.relayInc[name] = inc
+	}
+	for name := range m.relayInc {
+		if _, ok := relays[name]; !ok {
+			delete(m.relayInc, name) // (a new path's hello tells the new one)
+		}
+	}
 	for name := range m.relays {
 		if _, ok := relays[name]; !ok {
 			m.log.Debug("manager: lost the path to a relay", "relay", name)
@@ -422,6 +456,8 @@ func (m *Manager) tick() {
 		switch _, ok := relays[name]; {
 		case !ok:
 			why = "lost the relay"
+		case ma.inc != 0 && m.relayInc[name] != 0 && ma.inc != m.relayInc[name]:
+			why = "relay restarted"
 		case ma.permFails.Load() >= brokenAfter:
 			why = "permissions fail"
 		case !wantAllocs && now.Sub(ma.since) > unusedGrace && len(m.mesh.relayPeers(ma.key)) == 0:
@@ -442,7 +478,8 @@ func (m *Manager) tick() {
 		}
 		if ma.renew || !now.Before(renewAt) {
 			m.allocBusy[name] = true
-			if !m.spawn(func() { m.allocate(name, ma.server, ma) }) {
+			inc := m.relayInc[name]
+			if !m.spawn(func() { m.allocate(name, ma.server, inc, ma) }) {
 				m.allocBusy[name] = false
 			}
 		}
@@ -471,7 +508,8 @@ func (m *Manager) tick() {
 			n++
 			m.allocBusy[name] = true
 			server := relays[name]
-			if !m.spawn(func() { m.allocate(name, server, nil) }) {
+			inc := m.relayInc[name]
+			if !m.spawn(func() { m.allocate(name, server, inc, nil) }) {
 				m.allocBusy[name] = false
 			}
 		}
@@ -683,7 +721,12 @@ func (m *Manager) attempt(ctx context.Context, mem Member, ps *peerState, pl pla
 		if err == nil {
 			ps.direct.reset()
 		} else {
-			ps.direct.fail(time.Now())
+			now := time.Now()
+			ps.direct.fail(now)
+			if _, ok := m.known[mem.Name]; ok && ps.direct.d > relayRedial {
+				// A relay we knew: it cannot dial us when it returns.
+				ps.direct.d, ps.direct.next = relayRedial, now.Add(relayRedial)
+			}
 		}
 		m.mu.Unlock()
 		if err == nil {
@@ -848,9 +891,13 @@ func (m *Manager) relayTo(ctx context.Context, ma *managedAlloc, peer string) er
 // allocate creates an allocation on relay name (TURN server at server)
 // and adds it to the mesh; if old is not nil it replaces old: the peers
 // connected over old are moved to the new allocation, then old is
-// released.
-func (m *Manager) allocate(name, server string, old *managedAlloc) {
+// released. inc is the relay's incarnation when the allocation was
+// decided (0 if unknown).
+func (m *Manager) allocate(name, server string, inc uint64, old *managedAlloc) {
 	ma, err := m.newAlloc(name, server)
+	if ma != nil {
+		ma.inc = inc
+	}
 	m.mu.Lock()
 	m.allocBusy[name] = false
 	bo := m.allocNext[name]

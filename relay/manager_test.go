@@ -1,6 +1,7 @@
 package relay_test
 
 import (
+	"context"
 	"net"
 	"net/netip"
 	"testing"
@@ -161,6 +162,86 @@ func TestManagerRelayReturns(t *testing.T) {
 			t.Errorf("%s holds allocations: %+v", name, al)
 		}
 	}
+}
+
+// TestManagerRelayRestarts: r dies without a word (like SIGKILL: no
+// close reaches anybody) and a new run of it (new TURN server, new mesh
+// incarnation) connects to c before c's path to the old run timed out.
+// c's allocation died with the old run: c notices the new incarnation,
+// drops the allocation, allocates anew and is relayed again within 10 s.
+func TestManagerRelayRestarts(t *testing.T) {
+	c, inet := newCircle(t)
+	hosts := baseTopology(c, inet, nil, nil)
+	c.waitPaths(fullMeshWithin, "full mesh", basePaths("r"))
+	cn := c.nodes["c"]
+	old := c.nodes["r"]
+	toC, ok := old.best("c")
+	if !ok {
+		t.Fatal("r has no path to c")
+	}
+	homes := []string{"homeA", "homeB", "homeC"}
+	for _, h := range homes {
+		c.lab.Partition(hosts["r"], hosts[h])
+	}
+	c.remove(old)
+	for _, h := range homes {
+		c.lab.Heal(hosts["r"], hosts[h])
+	}
+
+	start := time.Now()
+	r := c.add("r", hosts["r"], nodeOpts{relay: true})
+	// The new run reaches c through the mapping c's symmetric router keeps
+	// for c's (not yet timed out) path to the old run.
+	addr, err := net.ResolveUDPAddr("udp4", toC.Remote)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := r.mesh.Connect(ctx, "c", addr); err != nil {
+		t.Fatalf("new r to c: %v", err)
+	}
+	eventually(t, 3*time.Second, "c to replace its allocation on r", func() bool {
+		st := cn.mgr.Status()
+		return len(st.Allocations) == 1 && st.Allocations[0].Since.After(start)
+	})
+	t.Logf("c allocated on r's new run %v after it started", time.Since(start))
+}
+
+// TestManagerRelayDownLong: r dies without a word and stays away until
+// everybody's path to it timed out (their direct attempts back off
+// meanwhile, to relayRedial at most); nodes behind NAT redial it soon
+// after it returns, and c is relayed again within 12 s.
+func TestManagerRelayDownLong(t *testing.T) {
+	c, inet := newCircle(t)
+	hosts := baseTopology(c, inet, nil, nil)
+	c.waitPaths(fullMeshWithin, "full mesh", basePaths("r"))
+	homes := []string{"homeA", "homeB", "homeC"}
+	for _, h := range homes {
+		c.lab.Partition(hosts["r"], hosts[h])
+	}
+	c.remove(c.nodes["r"])
+	eventually(t, 40*time.Second, "nobody to have a path to r", func() bool {
+		for _, n := range []string{"a", "b", "c"} {
+			if _, ok := c.nodes[n].best("r"); ok {
+				return false
+			}
+		}
+		return true
+	})
+	time.Sleep(20 * time.Second) // direct attempts to r back off
+	for _, h := range homes {
+		c.lab.Heal(hosts["r"], hosts[h])
+	}
+	c.add("r", hosts["r"], nodeOpts{relay: true})
+	// (b or a may reach r punched rather than direct for a while.)
+	relayed := []want{
+		{"c", "a", relay.PathRelayed, "r"},
+		{"c", "b", relay.PathRelayed, "r"},
+	}
+	took := c.waitPaths(12*time.Second, "c relayed through r's new run", relayed)
+	t.Logf("c relayed again %v after r's restart", took)
+	c.echoAll(relayed)
 }
 
 // TestManagerPortChange: a's home router forgets its mappings and hands

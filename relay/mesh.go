@@ -144,6 +144,7 @@ type PathInfo struct {
 	BytesReceived uint64
 	Since         time.Time // when the connection was established
 	TURN          string    // the peer's TURN server address, if it runs one (from its hello)
+	Inc           uint64    // the peer's incarnation (random per run of its Mesh, from its hello; 0 before)
 }
 
 // Mesh is one node's set of authenticated QUIC connections to its peers,
@@ -1095,7 +1096,7 @@ func (m *Mesh) Paths() []PathInfo {
 		out = append(out, PathInfo{
 			Peer: mc.peer, Kind: mc.kind, Via: mc.via, Remote: mc.qc.RemoteAddr().String(),
 			Dialed: mc.dialed, RTT: st.SmoothedRTT, BytesSent: st.BytesSent,
-			BytesReceived: st.BytesReceived, Since: mc.since, TURN: mc.turn,
+			BytesReceived: st.BytesReceived, Since: mc.since, TURN: mc.turn, Inc: mc.inc,
 		})
 		mc.mu.Unlock()
 	}
