@@ -1013,7 +1013,23 @@ func (m *Manager) measure(relays map[string]string, full bool) {
 	m.mu.Lock()
 	prev, prevAt := m.public, m.publicAt
 	m.checkedAt = now
+	_, wasSuspect := m.suspect[via]
 	m.mu.Unlock()
+	if wasSuspect {
+		// Its STUN server answers again: if our path to it does not, the
+		// relay was restarted (its new process does not know our
+		// connection, which would take IdleTimeout to time out, and a
+		// relay cannot dial us behind NAT). Drop it and redial.
+		octx, ocancel := context.WithTimeout(ctx, stunTimeout)
+		_, _, oerr := m.mesh.observe(octx, via)
+		ocancel()
+		if oerr != nil && m.ctx.Err() == nil {
+			n := m.mesh.closeDirectTo(via)
+			m.log.Info("manager: relay answers stun again, but not over our path: reconnecting", "relay", via, "closed", n, "err", oerr)
+			m.poke()
+			return
+		}
+	}
 	// Behind a symmetric NAT every server sees another port: compare
 	// measurements with the same server only.
 	sameServer := prevAt == relays[via]

@@ -208,6 +208,45 @@ func TestManagerRelayRestarts(t *testing.T) {
 	t.Logf("c allocated on r's new run %v after it started", time.Since(start))
 }
 
+// TestManagerRelayBackSoon: r dies without a word and returns (new TURN
+// server, new mesh) before anybody's path to it timed out. Nobody gets a
+// word from the new run (it cannot dial nodes behind NAT); c notices that
+// r's STUN server answers again while its path to r does not, redials,
+// and is relayed again within 12 s.
+func TestManagerRelayBackSoon(t *testing.T) {
+	c, inet := newCircle(t)
+	hosts := baseTopology(c, inet, nil, nil)
+	c.waitPaths(fullMeshWithin, "full mesh", basePaths("r"))
+	homes := []string{"homeA", "homeB", "homeC"}
+	for _, h := range homes {
+		c.lab.Partition(hosts["r"], hosts[h])
+	}
+	c.remove(c.nodes["r"])
+	// c checks r's STUN server every 5 s; paths time out after 20 s.
+	time.Sleep(8 * time.Second)
+	for _, h := range homes {
+		c.lab.Heal(hosts["r"], hosts[h])
+	}
+	c.add("r", hosts["r"], nodeOpts{relay: true})
+	relayed := []want{
+		{"c", "a", relay.PathRelayed, "r"},
+		{"c", "b", relay.PathRelayed, "r"},
+	}
+	// (c's old relayed paths look alive until they time out: echo.)
+	start := time.Now()
+	cn := c.nodes["c"]
+	eventually(t, 12*time.Second, "c relayed through r's new run", func() bool {
+		for _, peer := range []string{"a", "b"} {
+			if tryEcho(cn.mesh, peer, []byte("back soon")) != nil ||
+				tryEcho(c.nodes[peer].mesh, "c", []byte("back soon")) != nil {
+				return false
+			}
+		}
+		return c.check(relayed) == ""
+	})
+	t.Logf("c relayed again %v after r's restart", time.Since(start))
+}
+
 // TestManagerRelayDownLong: r dies without a word and stays away until
 // everybody's path to it timed out (their direct attempts back off
 // meanwhile, to relayRedial at most); nodes behind NAT redial it soon

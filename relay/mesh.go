@@ -575,6 +575,30 @@ func (m *Mesh) closeOtherIncarnations(mc *meshConn) {
 	}
 }
 
+// closeDirectTo closes the connections to peer over the primary socket
+// that are not relayed (a relay that restarted does not know them any
+// more, but they only time out after IdleTimeout), and returns how many.
+func (m *Mesh) closeDirectTo(peer string) int {
+	m.mu.Lock()
+	var stale []*meshConn
+	for _, mc := range m.conns[peer] {
+		if mc.sock != m.primary {
+			continue
+		}
+		mc.mu.Lock()
+		relayed := mc.kind == PathRelayed
+		mc.mu.Unlock()
+		if !relayed {
+			stale = append(stale, mc)
+		}
+	}
+	m.mu.Unlock()
+	for _, mc := range stale {
+		mc.qc.CloseWithError(errClosing, "no answer")
+	}
+	return len(stale)
+}
+
 // retireDuplicates is called once mc's path kind is final (its peer's
 // hello arrived). See duplicateGrace.
 func (m *Mesh) retireDuplicates(mc *meshConn) {
