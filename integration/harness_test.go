@@ -374,11 +374,14 @@ func (n *node) admin(method, path string, body, out any) error {
 }
 
 // rootCA fetches the local CA root from the node's admin API.
-func (n *node) rootCA() (*x509.Certificate, error) {
+func (n *node) rootCA() (*x509.Certificate, error) { return fetchRootCA(n.admin) }
+
+// fetchRootCA fetches Caddy's local CA root through an admin API call.
+func fetchRootCA(admin func(method, path string, body, out any) error) (*x509.Certificate, error) {
 	var ca struct {
 		Root string `json:"root_certificate"`
 	}
-	if err := n.admin("GET", "/pki/ca/local", nil, &ca); err != nil {
+	if err := admin("GET", "/pki/ca/local", nil, &ca); err != nil {
 		return nil, err
 	}
 	block, _ := pem.Decode([]byte(ca.Root))

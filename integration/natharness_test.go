@@ -24,7 +24,6 @@ import (
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
-	"encoding/pem"
 	"fmt"
 	"io"
 	"net"
@@ -672,19 +671,7 @@ func (n *natNode) cli(stdin string, args ...string) (string, error) {
 }
 
 // rootCA fetches the node's local CA root.
-func (n *natNode) rootCA() (*x509.Certificate, error) {
-	var ca struct {
-		Root string `json:"root_certificate"`
-	}
-	if err := n.admin("GET", "/pki/ca/local", nil, &ca); err != nil {
-		return nil, err
-	}
-	block, _ := pem.Decode([]byte(ca.Root))
-	if block == nil {
-		return nil, fmt.Errorf("no PEM block in %q", ca.Root)
-	}
-	return x509.ParseCertificate(block.Bytes)
-}
+func (n *natNode) rootCA() (*x509.Certificate, error) { return fetchRootCA(n.admin) }
 
 // ---- clients inside namespaces ----
 
