@@ -48,10 +48,12 @@
 //     ServerConfig.Peers. pion/ice/v2 was not used: QUIC's own
 //     retransmitted Initials do the simultaneous open.
 //
-// # Not yet done
+// # Limits
 //
-// TODO(issue 4): proxied HTTP to circle services (a mesh service per
-// circle service, `reverse_proxy` transport in caddymodule).
+// Circle services (proxied HTTP to apps on other nodes) are mesh services
+// named "svc/NAME", served and dialed by caddymodule (services.go,
+// transport.go) with Listen/Handle and DialAny.
+//
 // TODO: the Transport's automatic connections go over the primary socket
 // to the memberlist address only; members behind NAT are reached once the
 // Manager connected them.
