@@ -295,17 +295,8 @@ func (n *node) launch() {
 		args = []string{"run", "--config", js}
 	}
 	cmd := exec.Command(caddyBin, args...)
-	cmd.SysProcAttr = dieWithTest()
-	home := filepath.Join(n.dir, "home")
-	cmd.Env = append(os.Environ(), "HOME="+home, "XDG_DATA_HOME="+filepath.Join(home, "data"),
-		"XDG_CONFIG_HOME="+filepath.Join(home, "config"))
-	cmd.Stdout, cmd.Stderr = n.log, n.log
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("starting %s: %v", n.name, err)
-	}
+	n.done = startCaddy(t, n.name, cmd, n.dir, n.log)
 	n.cmd = cmd
-	n.done = make(chan struct{})
-	go func(done chan struct{}) { cmd.Wait(); close(done) }(n.done)
 	t.Cleanup(func() {
 		n.kill()
 		if t.Failed() {
@@ -371,6 +362,24 @@ func (n *node) admin(method, path string, body, out any) error {
 		return json.Unmarshal(b, out)
 	}
 	return nil
+}
+
+// startCaddy starts cmd, a caddy process, so that it dies with the test,
+// with its own HOME and XDG directories under dir and its output in log.
+// The returned channel closes when it has exited.
+func startCaddy(t testing.TB, name string, cmd *exec.Cmd, dir string, log io.Writer) chan struct{} {
+	t.Helper()
+	cmd.SysProcAttr = dieWithTest()
+	home := filepath.Join(dir, "home")
+	cmd.Env = append(os.Environ(), "HOME="+home, "XDG_DATA_HOME="+filepath.Join(home, "data"),
+		"XDG_CONFIG_HOME="+filepath.Join(home, "config"))
+	cmd.Stdout, cmd.Stderr = log, log
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("starting %s: %v", name, err)
+	}
+	done := make(chan struct{})
+	go func() { cmd.Wait(); close(done) }()
+	return done
 }
 
 // rootCA fetches the local CA root from the node's admin API.

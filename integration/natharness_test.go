@@ -322,17 +322,8 @@ func (n *natNode) launch() {
 		fmt.Fprintf(n.log, "\n======== restart at %s ========\n", time.Now().Format("15:04:05.000"))
 	}
 	cmd := n.ns.Command(context.Background(), caddyBin, "run", "--config", cfg, "--adapter", "caddyfile")
-	cmd.SysProcAttr = dieWithTest()
-	home := filepath.Join(n.dir, "home")
-	cmd.Env = append(os.Environ(), "HOME="+home, "XDG_DATA_HOME="+filepath.Join(home, "data"),
-		"XDG_CONFIG_HOME="+filepath.Join(home, "config"))
-	cmd.Stdout, cmd.Stderr = n.log, n.log
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("starting %s: %v", n.name, err)
-	}
+	n.done = startCaddy(t, n.name, cmd, n.dir, n.log)
 	n.cmd = cmd
-	n.done = make(chan struct{})
-	go func(done chan struct{}) { cmd.Wait(); close(done) }(n.done)
 }
 
 // waitUp waits until the launched node's admin API answers /circle/status.
