@@ -471,6 +471,12 @@ func (n *node) apiLogin(username, password string) (*http.Cookie, int, error) {
 // get requests url on this node with the session cookie (if any) and
 // extra headers, returning status and body.
 func (n *node) get(u string, cookie *http.Cookie, hdr map[string]string) (int, string, http.Header, error) {
+	return getWith(n.client(), u, cookie, hdr)
+}
+
+// getWith requests u through c with the session cookie (if any) and extra
+// headers, returning status, body and headers.
+func getWith(c *http.Client, u string, cookie *http.Cookie, hdr map[string]string) (int, string, http.Header, error) {
 	req, err := http.NewRequest("GET", u, nil)
 	if err != nil {
 		return 0, "", nil, err
@@ -481,7 +487,7 @@ func (n *node) get(u string, cookie *http.Cookie, hdr map[string]string) (int, s
 	for k, v := range hdr {
 		req.Header.Set(k, v)
 	}
-	resp, err := n.client().Do(req)
+	resp, err := c.Do(req)
 	if err != nil {
 		return 0, "", nil, err
 	}

@@ -767,23 +767,7 @@ func (c *webClient) login(username, password string) (*http.Cookie, int, error) 
 
 // get requests u with the cookie (if any) and headers.
 func (c *webClient) get(u string, cookie *http.Cookie, hdr map[string]string) (int, string, http.Header, error) {
-	req, err := http.NewRequest("GET", u, nil)
-	if err != nil {
-		return 0, "", nil, err
-	}
-	if cookie != nil {
-		req.AddCookie(&http.Cookie{Name: cookie.Name, Value: cookie.Value})
-	}
-	for k, v := range hdr {
-		req.Header.Set(k, v)
-	}
-	resp, err := c.Do(req)
-	if err != nil {
-		return 0, "", nil, err
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(b), resp.Header, nil
+	return getWith(c.Client, u, cookie, hdr)
 }
 
 // localWeb is a client in the node's own namespace, to its own HTTPS

@@ -197,25 +197,8 @@ func serveEchoOn(t *testing.T, m *relay.Mesh) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(10 * time.Second))
-				io.Copy(c, c)
-			}()
-		}
-	}()
-	t.Cleanup(func() { l.Close(); wg.Wait() })
+	wait := echoAll(l, 10*time.Second)
+	t.Cleanup(func() { l.Close(); wait() })
 }
 
 // tryEcho sends msg over an "echo" stream from m to peer and checks the

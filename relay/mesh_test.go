@@ -37,6 +37,14 @@ func serveEcho(t *testing.T, m *relay.Mesh, service string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	wait := echoAll(l, 0)
+	t.Cleanup(func() { l.Close(); m.Close(); wait() })
+}
+
+// echoAll echoes every stream l accepts (each for at most limit, if
+// limit > 0) until l is closed; wait returns once the accept loop and
+// every handler have ended.
+func echoAll(l net.Listener, limit time.Duration) (wait func()) {
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
@@ -50,11 +58,14 @@ func serveEcho(t *testing.T, m *relay.Mesh, service string) {
 			go func() {
 				defer wg.Done()
 				defer c.Close()
+				if limit > 0 {
+					c.SetDeadline(time.Now().Add(limit))
+				}
 				io.Copy(c, c)
 			}()
 		}
 	}()
-	t.Cleanup(func() { l.Close(); m.Close(); wg.Wait() })
+	return wg.Wait
 }
 
 func echoOnce(t *testing.T, m *relay.Mesh, peer, service string, msg []byte) {
