@@ -68,6 +68,11 @@ type Config struct {
 	// Logger receives the node's logs and memberlist's. Default: discard.
 	Logger *slog.Logger
 
+	// Now is the wall clock that versions local writes and judges remote
+	// timestamps. Default time.Now. Tests and the fault-injection suite set
+	// it to skew one node's clock; memberlist's own timers are not affected.
+	Now func() time.Time
+
 	// Transport optionally replaces the network transport (for example a
 	// mesh transport that routes by node name). Default: memberlist's
 	// NetTransport bound to BindAddr. Replication streams are carried over
@@ -132,6 +137,9 @@ func (cfg Config) withDefaults() (Config, error) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
 	}
 	cfg.Secret = append([]byte(nil), cfg.Secret...)
 	cfg.Join = append([]string(nil), cfg.Join...)

@@ -156,7 +156,7 @@ func Open(cfg Config) (*Node, error) {
 		ctx:       ctx,
 		cancel:    cancel,
 		ix:        ix,
-		clock:     hlc{last: clock, now: time.Now},
+		clock:     hlc{last: clock, now: cfg.Now},
 		pool:      make(map[string][]*secureConn),
 		dialed:    make(map[*secureConn]struct{}),
 		members:   make(map[string]*memberInfo),
@@ -467,7 +467,7 @@ func (n *Node) mergeLocked(recs []Record) ([]Record, error) {
 	}
 	for i := range recs {
 		r := &recs[i]
-		if d := int64(r.Version.Time>>16) - time.Now().UnixMilli(); d > time.Minute.Milliseconds() && r.Version.Node != n.cfg.Name {
+		if d := int64(r.Version.Time>>16) - n.cfg.Now().UnixMilli(); d > time.Minute.Milliseconds() && r.Version.Node != n.cfg.Name {
 			n.log.Warn("record from a clock ahead of ours", "from", r.Version.Node, "ahead", time.Duration(d)*time.Millisecond)
 		}
 		n.clock.observe(r.Version.Time)
