@@ -404,6 +404,7 @@ func deleteNS(ns string) {
 		time.Sleep(20 * time.Millisecond)
 	}
 	exec.Command("ip", "netns", "delete", ns).Run()
+	removeEtc(ns)
 }
 
 func (l *Lab) close() {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"os"
@@ -708,5 +709,55 @@ func TestSweepOrphans(t *testing.T) {
 	unlock()
 	if strings.Contains(netnsList(t), orphan) {
 		t.Errorf("sweep kept an old namespace without owner file")
+	}
+}
+
+// TestHostsAndSetAddr: a program started in a namespace resolves the names
+// given with SetHosts (also after a rewrite), and SetAddr moves a host to a
+// new address that its peers reach.
+func TestHostsAndSetAddr(t *testing.T) {
+	l := New(t)
+	inet := l.Internet("198.18.0.0/24")
+	a := l.Host(inet, "a", "198.18.0.10")
+	b := l.Host(inet, "b", "198.18.0.11")
+	a.SetHosts(map[string]netip.Addr{"bee.example": b.Addr})
+	resolve := func() string {
+		out, err := a.Command(context.Background(), "getent", "hosts", "bee.example").CombinedOutput()
+		if err != nil {
+			t.Fatalf("getent: %v: %s", err, out)
+		}
+		return strings.Fields(string(out))[0]
+	}
+	if got := resolve(); got != "198.18.0.11" {
+		t.Fatalf("bee.example resolves to %s, want 198.18.0.11", got)
+	}
+	b.SetAddr("198.18.0.12")
+	if b.Addr.String() != "198.18.0.12" {
+		t.Fatalf("b.Addr = %s", b.Addr)
+	}
+	a.SetHosts(map[string]netip.Addr{"bee.example": b.Addr})
+	if got := resolve(); got != "198.18.0.12" {
+		t.Fatalf("after SetAddr bee.example resolves to %s, want 198.18.0.12", got)
+	}
+	ln := b.Listen(t, "tcp", "198.18.0.12:9000")
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			c.Write([]byte("ok"))
+			c.Close()
+		}
+	}()
+	var got []byte
+	a.Run(t, func() {
+		c, err := net.DialTimeout("tcp", "198.18.0.12:9000", 3*time.Second)
+		if err != nil {
+			t.Errorf("dial new address: %v", err)
+			return
+		}
+		defer c.Close()
+		c.SetReadDeadline(time.Now().Add(3 * time.Second))
+		got, _ = io.ReadAll(c)
+	})
+	if string(got) != "ok" {
+		t.Fatalf("read %q from b's new address", got)
 	}
 }
