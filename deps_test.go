@@ -33,6 +33,11 @@ var forbidden = map[string][]string{
 		"github.com/homecircle/circle/identity",
 		"github.com/homecircle/circle/caddymodule",
 	},
+	// The node assembly: replicator, identity and relay together, no Caddy.
+	"github.com/homecircle/circle/caddymodule/circlenode": {
+		"github.com/caddyserver/",
+		"go.uber.org/zap",
+	},
 }
 
 // TestDeps keeps identity, replicator and relay free of Caddy, certmagic

@@ -8,6 +8,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/homecircle/circle/caddymodule/circlenode"
 	"github.com/homecircle/circle/replicator"
 )
 
@@ -47,13 +48,4 @@ func (s *Storage) putAll(ctx context.Context, bucket, key string, value []byte, 
 }
 
 // alivePeers counts the other alive members of the circle.
-func (s *Storage) alivePeers() int {
-	n := 0
-	self := s.node.Name()
-	for _, m := range s.node.Members() {
-		if m.Name != self && m.State == "alive" {
-			n++
-		}
-	}
-	return n
-}
+func (s *Storage) alivePeers() int { return circlenode.AlivePeers(s.node) }

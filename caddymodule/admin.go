@@ -191,12 +191,12 @@ func pathLabel(p relay.PathInfo) string {
 
 // meshStatus builds the mesh section from the path manager.
 func meshStatus(sn *sharedNode) *meshJSON {
-	if sn == nil || sn.manager == nil {
+	if sn == nil || sn.Manager() == nil {
 		return nil
 	}
-	ms := sn.manager.Status()
+	ms := sn.Manager().Status()
 	out := &meshJSON{
-		Advertise:   sn.mesh.Addr().String(),
+		Advertise:   sn.Mesh().Addr().String(),
 		NAT:         string(ms.NAT),
 		Public:      ms.Public,
 		Relays:      map[string]string{},
@@ -246,9 +246,9 @@ func (a *adminAPI) handleStatus(w http.ResponseWriter, r *http.Request, app *App
 		Role:   "member",
 		Relay:  app.Relay,
 	}
-	if app.node != nil && app.node.turnAddr != "" {
+	if app.node != nil && app.node.TURNAddr() != "" {
 		st.Role = "member and relay"
-		st.Relay = app.node.turnAddr
+		st.Relay = app.node.TURNAddr()
 	}
 	st.Mesh = meshStatus(app.node)
 	paths := map[string]string{}
@@ -259,7 +259,7 @@ func (a *adminAPI) handleStatus(w http.ResponseWriter, r *http.Request, app *App
 	}
 	st.Services = []serviceJSON{}
 	if app.node != nil {
-		for name, up := range app.node.services.current() {
+		for name, up := range app.node.Services().Current() {
 			st.Services = append(st.Services, serviceJSON{Name: name, Upstream: up})
 		}
 		sort.Slice(st.Services, func(i, j int) bool { return st.Services[i].Name < st.Services[j].Name })

@@ -71,7 +71,7 @@ func callAdmin(t *testing.T, a *adminAPI, method, path, body string) (int, map[s
 }
 
 func TestAdminUsersAndInvites(t *testing.T) {
-	app := &App{Name: "alpha", DomainName: "circle.test", node: &sharedNode{ident: testIdentity(t, identity.NewMemStore())}}
+	app := &App{Name: "alpha", DomainName: "circle.test", ident: testIdentity(t, identity.NewMemStore())}
 	a := &adminAPI{logger: zap.NewNop(), app: func() *App { return app }}
 
 	status, body := callAdmin(t, a, "POST", "/circle/users",

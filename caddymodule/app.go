@@ -16,6 +16,7 @@ import (
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
 	"go.uber.org/zap"
 
+	"github.com/homecircle/circle/caddymodule/circlenode"
 	"github.com/homecircle/circle/identity"
 	"github.com/homecircle/circle/replicator"
 )
@@ -111,6 +112,7 @@ type App struct {
 
 	secret    []byte
 	node      *sharedNode
+	ident     *identity.Service // the node's (tests of handlers set only this)
 	poolKey   string
 	logger    *zap.Logger
 	ctx       caddy.Context
@@ -171,12 +173,13 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 
 	a.poolKey = poolKey(a.Name, a.DataDir)
-	node, err := acquireNode(a.poolKey, a.nodeConfig(ctx))
+	node, err := acquireNode(a.poolKey, a.nodeConfig(ctx), a.logger)
 	if err != nil {
 		a.poolKey = ""
 		return fmt.Errorf("opening circle node: %w", err)
 	}
 	a.node = node
+	a.ident = node.Identity()
 	return nil
 }
 
@@ -203,7 +206,7 @@ func (a *App) validate() error {
 			return fmt.Errorf("circle: relay address %q: want [host]:port", a.Relay)
 		}
 	}
-	return validateServices(a.Services)
+	return circlenode.ValidateServices(a.Services)
 }
 
 // loadSecret reads the circle secret from SecretFile or resolves the Secret
@@ -255,7 +258,7 @@ func isPlaceholder(s string) bool {
 }
 
 // nodeConfig translates the app config into the shared node's settings.
-func (a *App) nodeConfig(ctx caddy.Context) nodeConfig {
+func (a *App) nodeConfig(ctx caddy.Context) circlenode.Config {
 	rc := replicator.DefaultConfig()
 	rc.Name = a.Name
 	rc.DataDir = a.DataDir
@@ -272,19 +275,18 @@ func (a *App) nodeConfig(ctx caddy.Context) nodeConfig {
 	}
 	rc.FirstWriterWins = []string{"usernames"}
 	rc.Logger = ctx.Slogger().With("component", "replicator")
-	return nodeConfig{
-		listen:     a.Listen,
-		advertise:  a.Advertise,
-		relay:      a.Relay,
-		slog:       ctx.Slogger(),
-		replicator: rc,
-		identity: identity.Config{
+	return circlenode.Config{
+		Listen:     a.Listen,
+		Advertise:  a.Advertise,
+		Relay:      a.Relay,
+		Logger:     ctx.Slogger(),
+		Replicator: rc,
+		Identity: identity.Config{
 			Domain: a.DomainName,
 			Secret: a.secret,
 			Logger: ctx.Slogger().With("component", "identity"),
 		},
-		syncTimeout: time.Duration(a.SyncTimeout),
-		logger:      a.logger,
+		SyncTimeout: time.Duration(a.SyncTimeout),
 	}
 }
 
@@ -300,15 +302,15 @@ func (a *App) Start() error {
 			}
 		}
 	}
-	a.node.services.set(a, a.Services)
+	a.node.Services().Set(a, a.Services)
 	activeApp.Store(a)
 	a.logger.Info("circle node running",
 		zap.String("name", a.Name),
 		zap.String("domain", a.DomainName),
 		zap.String("listen", a.Listen),
 		zap.Strings("join", a.Join),
-		zap.String("advertise", a.node.mesh.Addr().String()),
-		zap.String("relay", a.node.turnAddr),
+		zap.String("advertise", a.node.Mesh().Addr().String()),
+		zap.String("relay", a.node.TURNAddr()),
 		zap.Any("services", a.Services))
 	return nil
 }
@@ -318,7 +320,7 @@ func (a *App) Start() error {
 func (a *App) Stop() error {
 	activeApp.CompareAndSwap(a, nil)
 	if a.node != nil {
-		a.node.services.remove(a)
+		a.node.Services().Remove(a)
 	}
 	return nil
 }
@@ -328,7 +330,7 @@ func (a *App) Stop() error {
 func (a *App) Cleanup() error {
 	activeApp.CompareAndSwap(a, nil)
 	if a.node != nil {
-		a.node.services.remove(a)
+		a.node.Services().Remove(a)
 	}
 	if a.poolKey == "" {
 		return nil
@@ -336,15 +338,13 @@ func (a *App) Cleanup() error {
 	_, err := nodes.Delete(a.poolKey)
 	a.poolKey = ""
 	a.node = nil
+	a.ident = nil
 	return err
 }
 
 // Identity returns the circle's identity service.
 func (a *App) Identity() *identity.Service {
-	if a.node == nil {
-		return nil
-	}
-	return a.node.ident
+	return a.ident
 }
 
 // Replicator returns this process's replicator node.
@@ -352,7 +352,7 @@ func (a *App) Replicator() *replicator.Node {
 	if a.node == nil {
 		return nil
 	}
-	return a.node.repl
+	return a.node.Replicator()
 }
 
 // Domain returns the circle domain (lowercase, no trailing dot).
@@ -375,7 +375,7 @@ func (a *App) storageKey() []byte {
 	if a.node == nil {
 		return nil
 	}
-	return a.node.storageKey
+	return a.node.StorageKey()
 }
 
 // Interface guards

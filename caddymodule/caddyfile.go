@@ -8,6 +8,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp"
+
+	"github.com/homecircle/circle/caddymodule/circlenode"
 )
 
 func init() {
@@ -121,10 +123,10 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("service takes a name and an upstream: service <name> <host:port>")
 			}
 			name, up := args[0], args[1]
-			if !validServiceName(name) {
+			if !circlenode.ValidServiceName(name) {
 				return d.Errf("service name %q: use 1 to 63 of a-z, 0-9 and '-'", name)
 			}
-			if err := validateUpstream(up); err != nil {
+			if err := circlenode.ValidateUpstream(up); err != nil {
 				return d.Errf("service %s upstream %q: %v", name, up, err)
 			}
 			if _, dup := a.Services[name]; dup {

@@ -56,7 +56,7 @@ func TestPrintStatus(t *testing.T) {
 // TestAdminCallAgainstAdminAPI drives the admin routes through the same
 // client code the subcommands use.
 func TestAdminCallAgainstAdminAPI(t *testing.T) {
-	app := &App{Name: "alpha", DomainName: "circle.test", node: &sharedNode{ident: testIdentity(t, identity.NewMemStore())}}
+	app := &App{Name: "alpha", DomainName: "circle.test", ident: testIdentity(t, identity.NewMemStore())}
 	a := &adminAPI{logger: zap.NewNop(), app: func() *App { return app }}
 	mux := http.NewServeMux()
 	for _, r := range a.Routes() {

@@ -130,7 +130,7 @@ func TestCaddyMeshProxyAndStatus(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if c, err := alpha.app.node.dialService(ctx, "wiki"); err != nil {
+	if c, err := alpha.app.node.DialService(ctx, "wiki"); err != nil {
 		t.Fatalf("own service: %v", err)
 	} else {
 		c.Close()

@@ -21,6 +21,8 @@ import (
 	"github.com/caddyserver/caddy/v2/caddyconfig"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+
+	"github.com/homecircle/circle/caddymodule/circlenode"
 )
 
 // testNode is a circle node (App) provisioned and started in-process.
@@ -71,7 +73,7 @@ func waitMeshPeers(t *testing.T, n *testNode, want, gone []string) {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for {
-		peers := n.app.node.mesh.Peers()
+		peers := n.app.node.Mesh().Peers()
 		ok := true
 		for _, w := range want {
 			ok = ok && slices.Contains(peers, w)
@@ -159,7 +161,7 @@ func TestServiceTransportFailover(t *testing.T) {
 	rt.CloseIdleConnections()
 	_, err = getBody(client, "http://echo/")
 	var de reverseproxy.DialError
-	if err == nil || !errors.As(err, &de) || !strings.Contains(err.Error(), errNoServiceNode.Error()) {
+	if err == nil || !errors.As(err, &de) || !strings.Contains(err.Error(), circlenode.ErrNoServiceNode.Error()) {
 		t.Fatalf("no node offers echo: %v, want a dial error (502)", err)
 	}
 	if _, err := getBody(client, "http://bad_name/"); err == nil || !errors.As(err, &de) {
@@ -238,14 +240,14 @@ func TestServicesReload(t *testing.T) {
 	if got, err := getBody(client, "http://web/"); err != nil || got != "two" {
 		t.Fatalf("after the reload: %q, %v", got, err)
 	}
-	if got := s2.app.node.services.current(); len(got) != 2 || got["web"] != two {
+	if got := s2.app.node.Services().Current(); len(got) != 2 || got["web"] != two {
 		t.Fatalf("offered services %v", got)
 	}
 
 	// Half-close through the mesh: the upstream answers after our EOF.
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := reader.app.node.dialService(ctx, "count")
+	c, err := reader.app.node.DialService(ctx, "count")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -253,7 +255,7 @@ func TestServicesReload(t *testing.T) {
 	if _, err := io.WriteString(c, payload); err != nil {
 		t.Fatal(err)
 	}
-	if err := closeWrite(c); err != nil {
+	if err := c.(interface{ CloseWrite() error }).CloseWrite(); err != nil {
 		t.Fatal(err)
 	}
 	c.SetReadDeadline(time.Now().Add(10 * time.Second))
@@ -267,10 +269,10 @@ func TestServicesReload(t *testing.T) {
 	s3 := startTestApp(t, mk(nil))
 	s2.stop()
 	rt.CloseIdleConnections()
-	if _, err := getBody(client, "http://web/"); err == nil || !strings.Contains(err.Error(), errNoServiceNode.Error()) {
+	if _, err := getBody(client, "http://web/"); err == nil || !strings.Contains(err.Error(), circlenode.ErrNoServiceNode.Error()) {
 		t.Fatalf("after removing the service: %v", err)
 	}
-	if got := s3.app.node.services.current(); len(got) != 0 {
+	if got := s3.app.node.Services().Current(); len(got) != 0 {
 		t.Fatalf("offered services %v", got)
 	}
 }
@@ -418,7 +420,7 @@ func TestServiceStreamsEnd(t *testing.T) {
 		t.Helper()
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		c, err := reader.app.node.dialService(ctx, "hold")
+		c, err := reader.app.node.DialService(ctx, "hold")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -443,7 +445,7 @@ func TestServiceStreamsEnd(t *testing.T) {
 	// The client half-closes and waits; the serving node shuts down.
 	c = dial()
 	defer c.Close()
-	if err := closeWrite(c); err != nil {
+	if err := c.(interface{ CloseWrite() error }).CloseWrite(); err != nil {
 		t.Fatal(err)
 	}
 	select {

@@ -121,7 +121,7 @@ func (s *Storage) Provision(ctx caddy.Context) error {
 	if !ok || app.node == nil {
 		return errors.New("storage circle: the circle app has no node")
 	}
-	if err := s.init(app.node.repl, app.Name, app.node.storageKey); err != nil {
+	if err := s.init(app.node.Replicator(), app.Name, app.node.StorageKey()); err != nil {
 		return err
 	}
 	s.subscribeCertEvents(ctx, app.Name)

@@ -23,6 +23,7 @@ import (
 
 	"github.com/caddyserver/caddy/v2"
 
+	"github.com/homecircle/circle/caddymodule/circlenode"
 	"github.com/homecircle/circle/replicator"
 )
 
@@ -430,9 +431,9 @@ func openTestCluster(t *testing.T, names ...string) []*replicator.Node {
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	for _, n := range out {
-		for alivePeers(n) != len(out)-1 {
+		for circlenode.AlivePeers(n) != len(out)-1 {
 			if time.Now().After(deadline) {
-				t.Fatalf("%s sees %d alive peers", n.Name(), alivePeers(n))
+				t.Fatalf("%s sees %d alive peers", n.Name(), circlenode.AlivePeers(n))
 			}
 			time.Sleep(20 * time.Millisecond)
 		}

@@ -12,6 +12,8 @@ import (
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/modules/caddyhttp/reverseproxy"
+
+	"github.com/homecircle/circle/caddymodule/circlenode"
 )
 
 func init() {
@@ -68,7 +70,7 @@ func (t *Transport) Provision(ctx caddy.Context) error {
 // circle service streams: the dialed host is the service name.
 func newServiceTransport(sn *sharedNode, timeout time.Duration) *http.Transport {
 	if timeout <= 0 {
-		timeout = serviceDialTimeout
+		timeout = circlenode.ServiceDialTimeout
 	}
 	return &http.Transport{
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -79,7 +81,7 @@ func newServiceTransport(sn *sharedNode, timeout time.Duration) *http.Transport 
 			host = strings.ToLower(host)
 			ctx, cancel := context.WithTimeout(ctx, timeout)
 			defer cancel()
-			c, err := sn.dialService(ctx, host)
+			c, err := sn.DialService(ctx, host)
 			if err != nil {
 				// A dial error: reverse_proxy may retry it (lb_try_duration)
 				// and answers 502 Bad Gateway.

@@ -1,4 +1,4 @@
-package caddymodule
+package circlenode
 
 import (
 	"context"
@@ -13,8 +13,8 @@ import (
 	"github.com/homecircle/circle/relay"
 )
 
-// The mesh wiring of a node (see docs/INTERNALS.md, "caddymodule: the
-// mesh"): one UDP socket on Listen carries a relay.Mesh; memberlist, the
+// The mesh wiring of a node (see docs/INTERNALS.md, "circlenode: the
+// mesh wiring"): one UDP socket on Listen carries a relay.Mesh; memberlist, the
 // replicator's streams and the circle services all ride on it. A relay
 // node also runs a TURN/STUN server on its own socket (Relay), and every
 // node runs the relay.Manager path policy over the replicator's members.
@@ -23,31 +23,31 @@ import (
 // a specific address (meshAdvertise). For a relay it also binds the TURN
 // socket, so that the hellos the mesh sends carry the TURN address; the
 // server itself starts in startRelay, once the manager exists.
-func (sn *sharedNode) openMesh(cfg nodeConfig) error {
-	conn, err := net.ListenPacket("udp", cfg.listen)
+func (sn *Node) openMesh(cfg Config) error {
+	conn, err := net.ListenPacket("udp", cfg.Listen)
 	if err != nil {
-		return fmt.Errorf("circle: listening on %s (udp): %w", cfg.listen, err)
+		return fmt.Errorf("circle: listening on %s (udp): %w", cfg.Listen, err)
 	}
-	adv, err := meshAdvertise(cfg.advertise, cfg.listen, conn.LocalAddr())
+	adv, err := meshAdvertise(cfg.Advertise, cfg.Listen, conn.LocalAddr())
 	if err != nil {
 		conn.Close()
 		return err
 	}
 	var turnConn net.PacketConn
-	if cfg.relay != "" {
-		turnConn, sn.turnAddr, err = bindRelay(cfg.relay, adv)
+	if cfg.Relay != "" {
+		turnConn, sn.turnAddr, err = bindRelay(cfg.Relay, adv)
 		if err != nil {
 			conn.Close()
 			return err
 		}
 	}
 	mesh, err := relay.NewMesh(relay.MeshConfig{
-		Name:          cfg.replicator.Name,
-		Secret:        cfg.replicator.Secret,
+		Name:          cfg.Replicator.Name,
+		Secret:        cfg.Replicator.Secret,
 		Conn:          conn,
 		AdvertiseAddr: adv.String(),
 		TURN:          sn.turnAddr,
-		Logger:        cfg.slog.With("component", "mesh"),
+		Logger:        cfg.Logger.With("component", "mesh"),
 	})
 	if err != nil {
 		conn.Close()
@@ -57,7 +57,7 @@ func (sn *sharedNode) openMesh(cfg nodeConfig) error {
 		return fmt.Errorf("circle: starting mesh: %w", err)
 	}
 	sn.mesh = mesh
-	sn.services = newServiceRegistry(sn.ctx, mesh, cfg.logger)
+	sn.services = newServices(sn.ctx, mesh, cfg.Logger)
 	sn.pendingTURN = turnConn
 	return nil
 }
@@ -65,12 +65,12 @@ func (sn *sharedNode) openMesh(cfg nodeConfig) error {
 // startRelay starts the path manager over the replicator's members and,
 // for a relay, the TURN server that relays only to the peers the manager
 // reaches directly.
-func (sn *sharedNode) startRelay(cfg nodeConfig) error {
+func (sn *Node) startRelay(cfg Config) error {
 	mgr, err := relay.NewManager(relay.ManagerConfig{
 		Mesh:    sn.mesh,
-		Secret:  cfg.replicator.Secret,
+		Secret:  cfg.Replicator.Secret,
 		Members: sn.meshMembers,
-		Logger:  cfg.slog.With("component", "paths"),
+		Logger:  cfg.Logger.With("component", "paths"),
 	})
 	if err != nil {
 		if sn.pendingTURN != nil {
@@ -87,11 +87,11 @@ func (sn *sharedNode) startRelay(cfg nodeConfig) error {
 	sn.pendingTURN = nil
 	advIP := sn.mesh.Addr().(*net.UDPAddr).IP
 	sc := relay.ServerConfig{
-		Secret:       cfg.replicator.Secret,
+		Secret:       cfg.Replicator.Secret,
 		PacketConn:   pc,
 		RelayAddress: advIP,
 		Peers:        mgr.PeerIPs,
-		Logger:       cfg.slog.With("component", "relay"),
+		Logger:       cfg.Logger.With("component", "relay"),
 	}
 	if !isLocalIP(advIP) {
 		// The advertised address is a router's (port forwarding): relay
@@ -101,7 +101,7 @@ func (sn *sharedNode) startRelay(cfg nodeConfig) error {
 	srv, err := relay.NewServer(sc)
 	if err != nil {
 		pc.Close()
-		return fmt.Errorf("circle: starting relay on %s: %w", cfg.relay, err)
+		return fmt.Errorf("circle: starting relay on %s: %w", cfg.Relay, err)
 	}
 	sn.turn = srv
 	return nil
@@ -118,7 +118,7 @@ const seedBudget = 2 * time.Second
 // after the other, and a QUIC handshake to a seed that is down takes the
 // whole handshake timeout (no "connection refused" over UDP), so without
 // this a restarting node whose first seed is down would join seconds late.
-func (sn *sharedNode) preconnect(seeds []string, budget time.Duration) []string {
+func (sn *Node) preconnect(seeds []string, budget time.Duration) []string {
 	if len(seeds) == 0 {
 		return seeds
 	}
@@ -174,7 +174,7 @@ wait:
 // meshMembers is the manager's view of the circle: the replicator's live
 // members (alive, or suspect: those are the ones whose path needs work)
 // other than this node.
-func (sn *sharedNode) meshMembers() []relay.Member {
+func (sn *Node) meshMembers() []relay.Member {
 	if sn.repl == nil {
 		return nil
 	}

@@ -1,10 +1,11 @@
-package caddymodule
+package circlenode
 
 import (
 	"context"
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"regexp"
 	"sort"
@@ -13,8 +14,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"go.uber.org/zap"
-
 	"github.com/homecircle/circle/relay"
 )
 
@@ -22,20 +21,20 @@ import (
 // local TCP app at UPSTREAM to the circle as mesh service "svc/NAME"; the
 // `circle` reverse_proxy transport (transport.go) reaches it from any node.
 
-// serviceDialTimeout bounds dialing a service: the local upstream, or the
+// ServiceDialTimeout bounds dialing a service: the local upstream, or the
 // mesh streams to the peers offering it (all of them together).
-const serviceDialTimeout = 10 * time.Second
+const ServiceDialTimeout = 10 * time.Second
 
 // servicePrefix is the mesh service name prefix of circle services.
 const servicePrefix = "svc/"
 
 var serviceNameRE = regexp.MustCompile(`^[a-z0-9-]{1,63}$`)
 
-// validServiceName reports whether name may name a circle service.
-func validServiceName(name string) bool { return serviceNameRE.MatchString(name) }
+// ValidServiceName reports whether name may name a circle service.
+func ValidServiceName(name string) bool { return serviceNameRE.MatchString(name) }
 
-// validateUpstream checks a service upstream: host:port with a numeric port.
-func validateUpstream(up string) error {
+// ValidateUpstream checks a service upstream: host:port with a numeric port.
+func ValidateUpstream(up string) error {
 	host, port, err := net.SplitHostPort(up)
 	if err != nil {
 		return fmt.Errorf("want host:port: %v", err)
@@ -49,28 +48,28 @@ func validateUpstream(up string) error {
 	return nil
 }
 
-// validateServices checks the app's services map.
-func validateServices(svcs map[string]string) error {
+// ValidateServices checks a services map (name -> upstream).
+func ValidateServices(svcs map[string]string) error {
 	for name, up := range svcs {
-		if !validServiceName(name) {
+		if !ValidServiceName(name) {
 			return fmt.Errorf("circle: service name %q: use 1 to 63 of a-z, 0-9 and '-'", name)
 		}
-		if err := validateUpstream(up); err != nil {
+		if err := ValidateUpstream(up); err != nil {
 			return fmt.Errorf("circle: service %s upstream %q: %v", name, up, err)
 		}
 	}
 	return nil
 }
 
-// serviceRegistry holds the services this node offers, per config (an App
+// Services holds the services this node offers, per owner (caddymodule's App
 // registers its set in Start and removes it in Stop/Cleanup). During a
 // reload both configs are registered for a moment; the newest wins. One
 // mesh handler per name looks the current upstream up on every stream, so
 // a reload never leaves a gap.
-type serviceRegistry struct {
+type Services struct {
 	ctx  context.Context // the node's: cancelled when it closes
 	mesh *relay.Mesh
-	log  *zap.Logger
+	log  *slog.Logger
 
 	mu      sync.Mutex
 	sets    []serviceSet    // oldest first
@@ -84,16 +83,13 @@ type serviceSet struct {
 	svcs  map[string]string
 }
 
-func newServiceRegistry(ctx context.Context, mesh *relay.Mesh, log *zap.Logger) *serviceRegistry {
-	if log == nil {
-		log = zap.NewNop()
-	}
-	return &serviceRegistry{ctx: ctx, mesh: mesh, log: log.Named("services"), handled: map[string]bool{}}
+func newServices(ctx context.Context, mesh *relay.Mesh, log *slog.Logger) *Services {
+	return &Services{ctx: ctx, mesh: mesh, log: log.With("component", "services"), handled: map[string]bool{}}
 }
 
-// set makes svcs owner's services (replacing owner's previous set) and the
+// Set makes svcs owner's services (replacing owner's previous set) and the
 // newest set.
-func (r *serviceRegistry) set(owner any, svcs map[string]string) {
+func (r *Services) Set(owner any, svcs map[string]string) {
 	if r == nil {
 		return
 	}
@@ -111,9 +107,9 @@ func (r *serviceRegistry) set(owner any, svcs map[string]string) {
 	r.syncHandlersLocked()
 }
 
-// remove drops owner's services. Names no other set offers stop being
+// Remove drops owner's services. Names no other set offers stop being
 // served (streams in progress finish).
-func (r *serviceRegistry) remove(owner any) {
+func (r *Services) Remove(owner any) {
 	if r == nil {
 		return
 	}
@@ -126,7 +122,7 @@ func (r *serviceRegistry) remove(owner any) {
 	r.syncHandlersLocked()
 }
 
-func (r *serviceRegistry) dropLocked(owner any) {
+func (r *Services) dropLocked(owner any) {
 	for i, s := range r.sets {
 		if s.owner == owner {
 			r.sets = append(r.sets[:i:i], r.sets[i+1:]...)
@@ -137,7 +133,7 @@ func (r *serviceRegistry) dropLocked(owner any) {
 
 // syncHandlersLocked registers a mesh handler for every offered name and
 // removes the others.
-func (r *serviceRegistry) syncHandlersLocked() {
+func (r *Services) syncHandlersLocked() {
 	want := map[string]bool{}
 	for _, s := range r.sets {
 		for name := range s.svcs {
@@ -159,7 +155,7 @@ func (r *serviceRegistry) syncHandlersLocked() {
 }
 
 // lookup returns the upstream of name in the newest set that offers it.
-func (r *serviceRegistry) lookup(name string) (string, bool) {
+func (r *Services) lookup(name string) (string, bool) {
 	if r == nil {
 		return "", false
 	}
@@ -176,8 +172,8 @@ func (r *serviceRegistry) lookup(name string) (string, bool) {
 	return "", false
 }
 
-// current returns the services offered now (name -> upstream).
-func (r *serviceRegistry) current() map[string]string {
+// Current returns the services offered now (name -> upstream).
+func (r *Services) Current() map[string]string {
 	out := map[string]string{}
 	if r == nil {
 		return out
@@ -194,7 +190,7 @@ func (r *serviceRegistry) current() map[string]string {
 
 // close unregisters every handler and waits for the proxied streams, which
 // end because the node's context is cancelled first.
-func (r *serviceRegistry) close() {
+func (r *Services) close() {
 	r.mu.Lock()
 	r.closed = true
 	for name := range r.handled {
@@ -207,7 +203,7 @@ func (r *serviceRegistry) close() {
 }
 
 // enter registers a running stream; false once the registry closed.
-func (r *serviceRegistry) enter() bool {
+func (r *Services) enter() bool {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.closed {
@@ -219,7 +215,7 @@ func (r *serviceRegistry) enter() bool {
 
 // handler serves mesh streams of service name: it dials the current
 // upstream and copies both ways.
-func (r *serviceRegistry) handler(name string) func(net.Conn) {
+func (r *Services) handler(name string) func(net.Conn) {
 	return func(c net.Conn) {
 		if !r.enter() {
 			c.Close()
@@ -231,13 +227,13 @@ func (r *serviceRegistry) handler(name string) func(net.Conn) {
 			c.Close()
 			return
 		}
-		ctx, cancel := context.WithTimeout(r.ctx, serviceDialTimeout)
+		ctx, cancel := context.WithTimeout(r.ctx, ServiceDialTimeout)
 		var d net.Dialer
 		uc, err := d.DialContext(ctx, "tcp", up)
 		cancel()
 		if err != nil {
-			r.log.Warn("circle service upstream unreachable", zap.String("service", name),
-				zap.String("upstream", up), zap.String("from", c.RemoteAddr().String()), zap.Error(err))
+			r.log.Warn("circle service upstream unreachable", "service", name,
+				"upstream", up, "from", c.RemoteAddr().String(), "error", err)
 			c.Close()
 			return
 		}
@@ -301,19 +297,19 @@ func closeWrite(c net.Conn) error {
 	return c.Close()
 }
 
-// errNoServiceNode is the error when no node offers a service (the
+// ErrNoServiceNode is the error when no node offers a service (the
 // transport turns it into a dial error: 502).
-var errNoServiceNode = errors.New("no node of the circle offers this service")
+var ErrNoServiceNode = errors.New("no node of the circle offers this service")
 
-// dialService connects to circle service name: the local upstream when
+// DialService connects to circle service name: the local upstream when
 // this node offers it, else (or if that fails) the first connected peer
 // that accepts a stream for it: the one that answered last time first,
 // then by path quality (direct, punched, relayed) and RTT.
-func (sn *sharedNode) dialService(ctx context.Context, name string) (net.Conn, error) {
-	if !validServiceName(name) {
+func (sn *Node) DialService(ctx context.Context, name string) (net.Conn, error) {
+	if !ValidServiceName(name) {
 		return nil, fmt.Errorf("circle service %q: invalid name", name)
 	}
-	ctx, cancel := context.WithTimeout(ctx, serviceDialTimeout)
+	ctx, cancel := context.WithTimeout(ctx, ServiceDialTimeout)
 	defer cancel()
 	var localErr error
 	if up, ok := sn.services.lookup(name); ok {
@@ -329,12 +325,12 @@ func (sn *sharedNode) dialService(ctx context.Context, name string) (net.Conn, e
 		if localErr != nil {
 			return nil, fmt.Errorf("circle service %q: %w (and no peer is connected)", name, localErr)
 		}
-		return nil, fmt.Errorf("circle service %q: %w (no peer is connected)", name, errNoServiceNode)
+		return nil, fmt.Errorf("circle service %q: %w (no peer is connected)", name, ErrNoServiceNode)
 	}
 	c, peer, err := sn.mesh.DialAny(ctx, peers, servicePrefix+name)
 	if err != nil {
 		if errors.Is(err, relay.ErrNoService) && ctx.Err() == nil {
-			err = fmt.Errorf("%w: %w", errNoServiceNode, err)
+			err = fmt.Errorf("%w: %w", ErrNoServiceNode, err)
 		}
 		return nil, fmt.Errorf("circle service %q: %w", name, errors.Join(localErr, err))
 	}
@@ -343,7 +339,7 @@ func (sn *sharedNode) dialService(ctx context.Context, name string) (net.Conn, e
 }
 
 // servicePeers orders the connected peers for a service dial.
-func (sn *sharedNode) servicePeers(name string) []string {
+func (sn *Node) servicePeers(name string) []string {
 	type cand struct {
 		name string
 		rank int
