@@ -271,6 +271,10 @@ func (a *App) nodeConfig(ctx caddy.Context) nodeConfig {
 		rc.AntiEntropyInterval = time.Duration(a.AntiEntropyInterval)
 	}
 	rc.FirstWriterWins = []string{"usernames"}
+	rc.Merge = map[string]replicator.MergeFunc{}
+	for b, fn := range identity.MergeFuncs() { // accounts and invites merge per field
+		rc.Merge[b] = fn
+	}
 	rc.Logger = ctx.Slogger().With("component", "replicator")
 	return nodeConfig{
 		listen:     a.Listen,
@@ -281,6 +285,7 @@ func (a *App) nodeConfig(ctx caddy.Context) nodeConfig {
 		identity: identity.Config{
 			Domain: a.DomainName,
 			Secret: a.secret,
+			Node:   a.Name,
 			Logger: ctx.Slogger().With("component", "identity"),
 		},
 		syncTimeout: time.Duration(a.SyncTimeout),

@@ -147,6 +147,10 @@ func startNode(t *testing.T, dir, name string, now func() time.Time, seeds ...st
 	rc.Join = seeds
 	rc.AntiEntropyInterval = 500 * time.Millisecond
 	rc.FirstWriterWins = identity.FirstWriterWinsBuckets()
+	rc.Merge = map[string]replicator.MergeFunc{}
+	for b, fn := range identity.MergeFuncs() {
+		rc.Merge[b] = fn
+	}
 	rc.Now = now
 	rc.Transport = tr
 	if testing.Verbose() {
@@ -163,6 +167,7 @@ func startNode(t *testing.T, dir, name string, now func() time.Time, seeds ...st
 	ic.Argon2Memory = 64 // tiny argon2 parameters: the test is not about hashing
 	ic.Argon2Time = 1
 	ic.Now = now
+	ic.Node = name
 	id, err := identity.New(store{repl}, ic)
 	if err != nil {
 		t.Fatal(err)
