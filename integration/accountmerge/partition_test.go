@@ -312,3 +312,65 @@ func TestDisableSurvivesConcurrentPasswordChange(t *testing.T) {
 		}
 	}
 }
+
+// TestUsernameCollisionWithMerges: both sides of a split create dave, b
+// later than a. After the heal the usernames index (first writer wins) keeps a's claim;
+// b's dave is renamed "dave-<6 hex of its id>" with MustRename (both nodes
+// may do it; the account merge joins their renames), and nothing else of
+// either account is lost: a group added to b's dave on b during the split
+// stays.
+func TestUsernameCollisionWithMerges(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	dir := t.TempDir()
+	a := startNode(t, dir, "a", time.Now)
+	b := startNode(t, dir, "b", func() time.Time { return time.Now().Add(2 * time.Second) }, a.repl.Addr())
+	const detect, heal = 30 * time.Second, 60 * time.Second
+	waitFor(t, detect, "a and b to see each other", func() bool { return alive(a) == 2 && alive(b) == 2 })
+	a.tr.setCut(true)
+	b.tr.setCut(true)
+	waitFor(t, detect, "a and b to see each other gone", func() bool { return alive(a) == 1 && alive(b) == 1 })
+	daveA, err := a.id.CreateAccount(ctx, identity.NewAccount{Username: "dave", Password: "dave-a-password"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	daveB, err := b.id.CreateAccount(ctx, identity.NewAccount{Username: "dave", Password: "dave-b-password"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.id.SetGroups(ctx, daveB.ID, []string{"family"}); err != nil {
+		t.Fatal(err)
+	}
+	a.tr.setCut(false)
+	b.tr.setCut(false)
+	renamed := "dave-" + daveB.ID[:6]
+	for _, n := range []*node{a, b} {
+		waitFor(t, heal, "the collision resolved on "+n.name, func() bool {
+			x, errA := n.id.Account(daveA.ID)
+			y, errB := n.id.Account(daveB.ID)
+			return errA == nil && errB == nil && x.Username == "dave" && y.Username == renamed
+		})
+	}
+	waitFor(t, heal, "same records on both nodes", func() bool {
+		for _, id := range []string{daveA.ID, daveB.ID} {
+			ra, errA := a.repl.Get("accounts", id)
+			rb, errB := b.repl.Get("accounts", id)
+			if errA != nil || errB != nil || ra.Version != rb.Version {
+				return false
+			}
+		}
+		return true
+	})
+	for _, n := range []*node{a, b} {
+		y, _ := n.id.Account(daveB.ID)
+		if !y.MustRename || len(y.Groups) != 1 || y.Groups[0] != "family" {
+			t.Errorf("%s: b's dave after the heal: must rename %v, groups %v; want true, [family]", n.name, y.MustRename, y.Groups)
+		}
+		if _, err := n.id.Login(ctx, renamed, "dave-b-password", "192.0.2.1"); err != nil {
+			t.Errorf("%s: b's dave logs in as %s: %v", n.name, renamed, err)
+		}
+		if acct, err := n.id.Login(ctx, "dave", "dave-a-password", "192.0.2.1"); err != nil || acct.ID != daveA.ID {
+			t.Errorf("%s: a's dave logs in as dave: %v", n.name, err)
+		}
+	}
+}
