@@ -274,6 +274,10 @@ func (a *App) nodeConfig(ctx caddy.Context) circlenode.Config {
 		rc.AntiEntropyInterval = time.Duration(a.AntiEntropyInterval)
 	}
 	rc.FirstWriterWins = []string{"usernames"}
+	rc.Merge = map[string]replicator.MergeFunc{}
+	for b, fn := range identity.MergeFuncs() { // accounts and invites merge per field
+		rc.Merge[b] = fn
+	}
 	rc.Logger = ctx.Slogger().With("component", "replicator")
 	return circlenode.Config{
 		Listen:     a.Listen,
@@ -284,6 +288,7 @@ func (a *App) nodeConfig(ctx caddy.Context) circlenode.Config {
 		Identity: identity.Config{
 			Domain: a.DomainName,
 			Secret: a.secret,
+			Node:   a.Name,
 			Logger: ctx.Slogger().With("component", "identity"),
 		},
 		SyncTimeout: time.Duration(a.SyncTimeout),

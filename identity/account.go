@@ -3,7 +3,6 @@ package identity
 import (
 	"context"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"net/mail"
@@ -53,6 +52,11 @@ type accountRecord struct {
 	PasswordHash string    `json:"password_hash"`
 	Created      time.Time `json:"created"`
 	Updated      time.Time `json:"updated"`
+	// Stamps say when each field group was last edited, for the merge of
+	// concurrent edits (merge.go). Disabled and Groups are derived from
+	// them and stored for readers that do not know stamps. Absent in
+	// records written before stamps existed.
+	Stamps *accountStamps `json:"stamps,omitempty"`
 }
 
 func (r accountRecord) account() Account {
@@ -185,18 +189,24 @@ func (s *Service) usernameOwner(name string) (string, error) {
 	return string(b), nil
 }
 
-// putAccount stores rec (acknowledged) and updates the in-memory view.
-func (s *Service) putAccount(ctx context.Context, rec accountRecord) error {
-	rec.V = accountRecordVersion
-	b, err := json.Marshal(rec)
+// putAccount stores rec (acknowledged), updates the in-memory view and
+// returns the record now stored: the replicated store joins rec with
+// concurrent edits of other nodes it already holds.
+func (s *Service) putAccount(ctx context.Context, rec accountRecord) (accountRecord, error) {
+	b, err := encodeAccount(rec)
 	if err != nil {
-		return fmt.Errorf("identity: encoding account: %w", err)
+		return rec, err
 	}
 	if err := s.store.Put(ctx, bucketAccounts, rec.ID, b); err != nil {
-		return fmt.Errorf("identity: storing account %s: %w", rec.ID, err)
+		return rec, fmt.Errorf("identity: storing account %s: %w", rec.ID, err)
+	}
+	if stored, err := s.loadAccount(rec.ID); err == nil {
+		rec = stored
+	} else {
+		rec.derive()
 	}
 	s.applyAccount(rec.ID, &rec)
-	return nil
+	return rec, nil
 }
 
 // claimUsername points the index entry name at id (first writer wins) and
@@ -270,11 +280,16 @@ func (s *Service) createAccount(ctx context.Context, id string, a NewAccount, gr
 		return Account{}, fmt.Errorf("identity: %q: %w", name, ErrUsernameTaken)
 	}
 	now := s.cfg.Now().UTC()
-	rec := accountRecord{
-		ID: id, Username: name, Name: display, Email: email, Groups: groups,
-		PasswordHash: phc, Created: now, Updated: now,
+	rec := accountRecord{ID: id, Created: now, Updated: now}
+	at := s.nextStamp(stamp{})
+	rec.setUsername(name, false, at)
+	rec.setProfile(display, email, at)
+	rec.setPassword(phc, at)
+	rec.setGroups(groups, at)
+	stored, putErr := s.putAccount(ctx, rec)
+	if putErr == nil {
+		rec = stored
 	}
-	putErr := s.putAccount(ctx, rec)
 	if putErr != nil {
 		if _, err := s.store.Get(bucketAccounts, id); err != nil {
 			return Account{}, putErr // nothing was written
@@ -475,22 +490,20 @@ func (s *Service) Accounts() ([]Account, error) {
 }
 
 // updateAccount applies fn to the stored record under writeMu and stores
-// the result.
-func (s *Service) updateAccount(ctx context.Context, id string, fn func(*accountRecord) error) (accountRecord, error) {
+// the result. fn stamps the fields it changes with at, a stamp higher than
+// every stamp in the record.
+func (s *Service) updateAccount(ctx context.Context, id string, fn func(r *accountRecord, at stamp) error) (accountRecord, error) {
 	s.writeMu.Lock()
 	defer s.writeMu.Unlock()
 	rec, err := s.loadAccount(id)
 	if err != nil {
 		return rec, err
 	}
-	if err := fn(&rec); err != nil {
+	if err := fn(&rec, s.nextStamp(rec.lastStamp())); err != nil {
 		return rec, err
 	}
 	rec.Updated = s.cfg.Now().UTC()
-	if err := s.putAccount(ctx, rec); err != nil {
-		return rec, err
-	}
-	return rec, nil
+	return s.putAccount(ctx, rec)
 }
 
 // UpdateProfile sets the display name and email address.
@@ -499,8 +512,8 @@ func (s *Service) UpdateProfile(ctx context.Context, id, name, email string) (Ac
 	if err != nil {
 		return Account{}, err
 	}
-	rec, err := s.updateAccount(ctx, id, func(r *accountRecord) error {
-		r.Name, r.Email = name, email
+	rec, err := s.updateAccount(ctx, id, func(r *accountRecord, at stamp) error {
+		r.setProfile(name, email, at)
 		return nil
 	})
 	if err != nil {
@@ -544,8 +557,8 @@ func (s *Service) SetPassword(ctx context.Context, id, newPassword string) error
 	if err != nil {
 		return err
 	}
-	_, err = s.updateAccount(ctx, id, func(r *accountRecord) error {
-		r.PasswordHash = phc
+	_, err = s.updateAccount(ctx, id, func(r *accountRecord, at stamp) error {
+		r.setPassword(phc, at)
 		return nil
 	})
 	return err
@@ -558,18 +571,20 @@ func (s *Service) SetGroups(ctx context.Context, id string, groups []string) err
 	if err != nil {
 		return err
 	}
-	_, err = s.updateAccount(ctx, id, func(r *accountRecord) error {
-		r.Groups = g
+	_, err = s.updateAccount(ctx, id, func(r *accountRecord, at stamp) error {
+		r.setGroups(g, at)
 		return nil
 	})
 	return err
 }
 
 // SetDisabled disables or re-enables an account. Disabling also revokes all
-// its sessions; re-enabling does not bring them back.
+// its sessions; re-enabling does not bring them back. A re-enable lifts
+// the disables this node has seen; a disable made concurrently elsewhere
+// stays in force (docs/INTERNALS.md, "Account merge").
 func (s *Service) SetDisabled(ctx context.Context, id string, disabled bool) error {
-	if _, err := s.updateAccount(ctx, id, func(r *accountRecord) error {
-		r.Disabled = disabled
+	if _, err := s.updateAccount(ctx, id, func(r *accountRecord, at stamp) error {
+		r.setDisabled(disabled, at)
 		return nil
 	}); err != nil {
 		return err
@@ -608,10 +623,10 @@ func (s *Service) renameLocked(ctx context.Context, id, name string, mustRename 
 	if err := s.claimUsername(ctx, name, id); err != nil {
 		return rec, err
 	}
-	rec.Username = name
-	rec.MustRename = mustRename
+	rec.setUsername(name, mustRename, s.nextStamp(rec.lastStamp()))
 	rec.Updated = s.cfg.Now().UTC()
-	if err := s.putAccount(ctx, rec); err != nil {
+	stored, err := s.putAccount(ctx, rec)
+	if err != nil {
 		if name != old {
 			s.releaseUsername(ctx, name, id)
 		}
@@ -620,7 +635,7 @@ func (s *Service) renameLocked(ctx context.Context, id, name string, mustRename 
 	if name != old {
 		s.releaseUsername(ctx, old, id)
 	}
-	return rec, nil
+	return stored, nil
 }
 
 // releaseUsername deletes the index entry name if it points at id.

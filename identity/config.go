@@ -1,6 +1,7 @@
 package identity
 
 import (
+	"encoding/hex"
 	"fmt"
 	"log/slog"
 	"runtime"
@@ -51,6 +52,12 @@ type Config struct {
 	// ThrottleWindow is the failure counting window; a throttle lasts at most
 	// until the end of the window in which it tripped. Default 5 minutes.
 	ThrottleWindow time.Duration
+
+	// Node names this node in the stamps of account and invite edits, where
+	// it breaks ties between equal times (docs/INTERNALS.md, "Account
+	// merge"); caddymodule sets the node name. Default: a random id chosen
+	// by New.
+	Node string
 
 	// Logger receives the service's logs. Default: discard.
 	Logger *slog.Logger
@@ -128,6 +135,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.Now == nil {
 		c.Now = d.Now
+	}
+	if c.Node == "" {
+		c.Node = hex.EncodeToString(randomBytes(8))
 	}
 
 	c.Domain = strings.ToLower(strings.TrimSuffix(strings.TrimSpace(c.Domain), "."))

@@ -32,7 +32,10 @@
 //     from the circle secret; old public keys verify until their tokens have
 //     expired; JWKS publishes them.
 //   - Policy, the allow rule of the circle_auth gate.
-//   - FirstWriterWinsBuckets, for configuring the replicated store.
+//   - FirstWriterWinsBuckets and MergeFuncs, for configuring the replicated
+//     store: account and invite records several nodes edit are joined per
+//     field (merge.go), so no acknowledged edit is lost and a disable or a
+//     used invite is never undone by a concurrent edit.
 //   - Sentinel errors in errors.go.
 //
 // Buckets and record formats (all values JSON with a "v" format version

@@ -37,6 +37,10 @@ type inviteRecord struct {
 	Used      bool      `json:"used,omitempty"`
 	UsedBy    string    `json:"used_by,omitempty"`
 	UsedAt    time.Time `json:"used_at,omitzero"`
+	// Uses are the registrations made with the invite, on any node; Used,
+	// UsedBy and UsedAt are derived from them (the earliest use not
+	// released) and stored for readers that do not know uses (merge.go).
+	Uses []inviteUse `json:"uses,omitempty"`
 }
 
 // inviteTokenLen is the length of an invite token: 32 bytes, unpadded
@@ -73,11 +77,11 @@ func (s *Service) CreateInvite(ctx context.Context, groups []string, ttl time.Du
 	now := s.cfg.Now().UTC()
 	token = base64.RawURLEncoding.EncodeToString(randomBytes(32))
 	key, _ := inviteKey(token)
-	b, err := json.Marshal(inviteRecord{
-		V: inviteRecordVersion, Groups: g, Expires: now.Add(ttl), CreatedBy: truncateUTF8(createdBy, 128), Created: now,
+	b, err := encodeInvite(inviteRecord{
+		Groups: g, Expires: now.Add(ttl), CreatedBy: truncateUTF8(createdBy, 128), Created: now,
 	})
 	if err != nil {
-		return "", fmt.Errorf("identity: encoding invite: %w", err)
+		return "", err
 	}
 	if err := s.store.Put(ctx, bucketInvites, key, b); err != nil {
 		return "", fmt.Errorf("identity: storing invite: %w", err)
@@ -103,6 +107,7 @@ func (s *Service) loadInvite(token string) (string, inviteRecord, error) {
 	if err := json.Unmarshal(b, &rec); err != nil {
 		return "", rec, ErrInvalidInvite
 	}
+	rec.deriveUse()
 	if rec.Used || !s.cfg.Now().Before(rec.Expires) {
 		return "", rec, ErrInvalidInvite
 	}
@@ -125,8 +130,10 @@ func (s *Service) CheckInvite(token string) (Invite, error) {
 // account fails, so a failed registration (e.g. ErrUsernameTaken) can be
 // retried (as CreateAccount, an account that was stored but not
 // acknowledged is returned with the error, and the invite stays used). On
-// one node an invite cannot be used twice; two nodes cut off
-// from each other could each accept it once.
+// one node an invite cannot be used twice; two nodes cut off from each
+// other could each accept it once: after the heal the invite records both
+// uses, the earliest owns it, and both accounts stay (docs/INTERNALS.md,
+// "Account merge").
 func (s *Service) Register(ctx context.Context, token string, a NewAccount) (Account, error) {
 	key, rec, err := s.loadInvite(token)
 	if err != nil {
@@ -168,11 +175,12 @@ func (s *Service) Register(ctx context.Context, token string, a NewAccount) (Acc
 	}
 
 	id := newAccountID()
+	use := inviteUse{stamp: s.nextStamp(rec.lastUseStamp()), Account: id, At: s.cfg.Now().UTC()}
 	used := rec
-	used.Used, used.UsedBy, used.UsedAt = true, id, s.cfg.Now().UTC()
-	b, err := json.Marshal(used)
+	used.Uses = append(slices.Clone(rec.Uses), use)
+	b, err := encodeInvite(used)
 	if err != nil {
-		return Account{}, fmt.Errorf("identity: encoding invite: %w", err)
+		return Account{}, err
 	}
 	if err := s.store.Put(ctx, bucketInvites, key, b); err != nil {
 		return Account{}, fmt.Errorf("identity: marking invite used: %w", err)
@@ -182,7 +190,12 @@ func (s *Service) Register(ctx context.Context, token string, a NewAccount) (Acc
 		return acct, err // created, not acknowledged: the invite stays used
 	}
 	if err != nil {
-		orig, _ := json.Marshal(rec)
+		// Give the invite back by releasing this use (uses only grow: the
+		// replicated store would join the old record with the used one).
+		use.Released = true
+		back := rec
+		back.Uses = append(slices.Clone(rec.Uses), use)
+		orig, _ := encodeInvite(back)
 		rctx, cancel := bgCtx(ctx)
 		defer cancel()
 		if rerr := s.store.Put(rctx, bucketInvites, key, orig); rerr != nil {

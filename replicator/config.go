@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"strconv"
 	"time"
 
@@ -64,6 +65,12 @@ type Config struct {
 	// EARLIER version wins (a Put over an existing live key is ignored).
 	// Default: none.
 	FirstWriterWins []string
+
+	// Merge names buckets whose live records are joined with a MergeFunc
+	// instead of replaced by the higher version (see MergeFunc; tombstones
+	// stay last writer wins). A bucket cannot be both here and in
+	// FirstWriterWins. Default: none.
+	Merge map[string]MergeFunc
 
 	// Logger receives the node's logs and memberlist's. Default: discard.
 	Logger *slog.Logger
@@ -126,6 +133,17 @@ func (cfg Config) withDefaults() (Config, error) {
 			return cfg, fmt.Errorf("%w: config: first writer wins bucket: %w", ErrInvalid, err)
 		}
 	}
+	merge := make(map[string]MergeFunc, len(cfg.Merge))
+	for b, fn := range cfg.Merge {
+		if err := checkBucket(b); err != nil {
+			return cfg, fmt.Errorf("%w: config: merge bucket: %w", ErrInvalid, err)
+		}
+		if fn == nil || slices.Contains(cfg.FirstWriterWins, b) {
+			return cfg, fmt.Errorf("%w: config: merge bucket %q: nil func or also first writer wins", ErrInvalid, b)
+		}
+		merge[b] = fn
+	}
+	cfg.Merge = merge
 	if cfg.Replicas <= 0 {
 		cfg.Replicas = DefaultReplicas
 	}

@@ -6,6 +6,8 @@
 // two versions of a key the higher one wins (last writer wins), deletes are
 // tombstones. Buckets named in Config.FirstWriterWins keep the earlier of two
 // live records instead (a tombstone still beats an older live record).
+// Buckets named in Config.Merge join two live records with a MergeFunc
+// (merge.go): records several nodes edit keep every node's edits.
 //
 // Nodes find each other with hashicorp/memberlist (SWIM gossip), keyed with
 // a key derived from the circle secret, so a node with another secret can

@@ -436,7 +436,7 @@ func (n *Node) writeLocal(bucket, key string, value []byte, deleted bool) (Recor
 	if err != nil || len(w) == 0 {
 		return rec, false, err
 	}
-	return rec, true, nil
+	return w[0], true, nil // in a merge bucket, the join with the stored value
 }
 
 // applyRemote merges records received from peers; rebroadcast re-gossips
@@ -476,7 +476,12 @@ func (n *Node) mergeLocked(recs []Record) ([]Record, error) {
 		if !ok {
 			cur, ok = n.ix.get(r.Bucket, r.Key)
 		}
-		if ok && !beats(n.fww[r.Bucket], r.meta(), cur) {
+		if ok && n.mergeable(r, cur) {
+			var keep bool
+			if *r, keep = n.joinLocked(*r, cur.v, winners); !keep {
+				continue
+			}
+		} else if ok && !beats(n.fww[r.Bucket], r.meta(), cur) {
 			continue
 		}
 		if pending != nil {
