@@ -135,9 +135,9 @@ func (s *Storage) awaitCA(ctx context.Context, key, id, pair string, isKey bool)
 		return nil
 	}
 	s.logger.Info("creating the CA for the circle", zap.String("ca", id), zap.String("missing", key))
+	s.cas.mu.Lock()
 	c := &caCreation{lock: lock}
 	c.idle = time.AfterFunc(s.cas.idle, func() { s.endCreation(id, "no more CA files stored") })
-	s.cas.mu.Lock()
 	s.cas.byID[id] = c
 	s.cas.mu.Unlock()
 	return nil

@@ -105,10 +105,24 @@ func TestStorageCAFirstStartOnce(t *testing.T) {
 			}
 		}
 		waitUntil(t, 5*time.Second, "creation lock released", func() bool {
-			_, held := ss[0].readLease(caLockName(id))
-			return !held
+			return lockFree(t, ss[0], caLockName(id))
 		})
 	}
+}
+
+// lockFree reports whether s can take lock name (and then releases it).
+func lockFree(t *testing.T, s *Storage, name string) bool {
+	t.Helper()
+	ok, err := s.TryLock(context.Background(), name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ok {
+		if err := s.Unlock(context.Background(), name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return ok
 }
 
 // waitUntil polls cond every 20 ms until it holds or within passes.
@@ -139,7 +153,7 @@ func TestStorageCAAlone(t *testing.T) {
 	if took := time.Since(start); took > 2*time.Second {
 		t.Fatalf("took %v", took)
 	}
-	if _, held := s.readLease(caLockName("local")); held {
+	if !lockFree(t, s, caLockName("local")) {
 		t.Fatal("creation lock still held")
 	}
 	// A restart loads the same CA.
