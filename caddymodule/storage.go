@@ -279,6 +279,10 @@ func (s *Storage) Store(ctx context.Context, key string, value []byte) error {
 // counts as missing (fs.ErrNotExist), so the certificate is obtained again
 // under the issuance lock; elsewhere (the CA, ACME accounts) it is an
 // error, because replacing a CA root or an account silently is worse.
+//
+// The pki CA files go through awaitCA first (castart.go): a missing CA
+// certificate is created by one node at a time, under a circle lock, and a
+// CA key whose certificate is stored is waited for until it arrives.
 func (s *Storage) Load(ctx context.Context, key string) ([]byte, error) {
 	if id, pair, isKey, ok := caFile(normKey(key)); ok {
 		if err := s.awaitCA(ctx, normKey(key), id, pair, isKey); err != nil {
