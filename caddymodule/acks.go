@@ -26,9 +26,13 @@ import (
 // the records by anti-entropy before it serves (see waitInitialSync).
 
 // needsAllAlive reports whether a write of key to bucket "certs" waits for
-// every alive node: challenge tokens and certificates do; other keys
-// (storage tests, CA, accounts, cleaning marks) only need replicas.
+// every alive node: challenge tokens, certificates and the pki CA files
+// (created under a lock, see castart.go) do; other keys (storage tests,
+// accounts, cleaning marks) only need replicas.
 func needsAllAlive(key string) bool {
+	if _, _, _, ok := caFile(key); ok {
+		return true
+	}
 	return strings.HasPrefix(key, "certificates/") || strings.Contains(key, "/challenge_tokens/")
 }
 

@@ -81,6 +81,8 @@ type Storage struct {
 
 	mu   *sync.Mutex       // guards held (a pointer: the module value is copied by CaddyModule)
 	held map[string]*lease // locks this instance holds, by name
+
+	cas *caCreations // CA creations this instance holds the lock of (castart.go)
 }
 
 // leaseMu serialises taking leases within this process.
@@ -157,6 +159,7 @@ func (s *Storage) init(node *replicator.Node, nodeName string, key []byte) error
 	s.owner = nodeName + "/" + randomHex(8)
 	s.mu = new(sync.Mutex)
 	s.held = make(map[string]*lease)
+	s.cas = newCACreations()
 	return nil
 }
 
@@ -166,6 +169,7 @@ func (s *Storage) Cleanup() error {
 	if s.mu == nil {
 		return nil
 	}
+	s.endCreations()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for name, l := range s.held {
@@ -259,6 +263,9 @@ func (s *Storage) Store(ctx context.Context, key string, value []byte) error {
 	if err != nil {
 		return fmt.Errorf("storing %s: %w", key, err)
 	}
+	if id, _, _, ok := caFile(key); ok {
+		s.caStored(id, key)
+	}
 	return nil
 }
 
@@ -272,7 +279,16 @@ func (s *Storage) Store(ctx context.Context, key string, value []byte) error {
 // counts as missing (fs.ErrNotExist), so the certificate is obtained again
 // under the issuance lock; elsewhere (the CA, ACME accounts) it is an
 // error, because replacing a CA root or an account silently is worse.
+//
+// The pki CA files go through awaitCA first (castart.go): a missing CA
+// certificate is created by one node at a time, under a circle lock, and a
+// CA key whose certificate is stored is waited for until it arrives.
 func (s *Storage) Load(ctx context.Context, key string) ([]byte, error) {
+	if id, pair, isKey, ok := caFile(normKey(key)); ok {
+		if err := s.awaitCA(ctx, normKey(key), id, pair, isKey); err != nil {
+			return nil, fmt.Errorf("loading %s: %w", normKey(key), err)
+		}
+	}
 	value, err := s.load(key)
 	if err != nil {
 		return nil, err

@@ -124,6 +124,10 @@ type node struct {
 	// `caddy adapt`, passed through adaptFn (for settings that have no
 	// Caddyfile syntax).
 	adaptFn func(t *testing.T, cfgJSON []byte) []byte
+	// gate, when set, holds the launched process back until gate reaches
+	// EOF (a shell reads it, then execs caddy), so a test can start
+	// several processes first and release them at the same instant.
+	gate io.Reader
 }
 
 // circle is a set of nodes sharing a secret, plus an upstream app that
@@ -295,6 +299,10 @@ func (n *node) launch() {
 		args = []string{"run", "--config", js}
 	}
 	cmd := exec.Command(caddyBin, args...)
+	if n.gate != nil {
+		cmd = exec.Command("sh", append([]string{"-c", `read -r _; exec "$0" "$@"`, caddyBin}, args...)...)
+		cmd.Stdin = n.gate
+	}
 	n.done = startCaddy(t, n.name, cmd, n.dir, n.log)
 	n.cmd = cmd
 	t.Cleanup(func() {
@@ -387,17 +395,34 @@ func (n *node) rootCA() (*x509.Certificate, error) { return fetchRootCA(n.admin)
 
 // fetchRootCA fetches Caddy's local CA root through an admin API call.
 func fetchRootCA(admin func(method, path string, body, out any) error) (*x509.Certificate, error) {
+	root, _, err := fetchCA(admin)
+	return root, err
+}
+
+// fetchCA fetches Caddy's local CA root and intermediate (the first
+// certificate of its chain) through an admin API call.
+func fetchCA(admin func(method, path string, body, out any) error) (root, inter *x509.Certificate, err error) {
 	var ca struct {
-		Root string `json:"root_certificate"`
+		Root  string `json:"root_certificate"`
+		Inter string `json:"intermediate_certificate"`
 	}
 	if err := admin("GET", "/pki/ca/local", nil, &ca); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	block, _ := pem.Decode([]byte(ca.Root))
-	if block == nil {
-		return nil, fmt.Errorf("no PEM block in %q", ca.Root)
+	parse := func(p string) (*x509.Certificate, error) {
+		block, _ := pem.Decode([]byte(p))
+		if block == nil {
+			return nil, fmt.Errorf("no PEM block in %q", p)
+		}
+		return x509.ParseCertificate(block.Bytes)
 	}
-	return x509.ParseCertificate(block.Bytes)
+	if root, err = parse(ca.Root); err != nil {
+		return nil, nil, err
+	}
+	if inter, err = parse(ca.Inter); err != nil {
+		return nil, nil, err
+	}
+	return root, inter, nil
 }
 
 // client returns an HTTPS client that reaches every circle host name on
