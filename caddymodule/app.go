@@ -273,11 +273,7 @@ func (a *App) nodeConfig(ctx caddy.Context) circlenode.Config {
 	if a.AntiEntropyInterval > 0 {
 		rc.AntiEntropyInterval = time.Duration(a.AntiEntropyInterval)
 	}
-	rc.FirstWriterWins = []string{"usernames"}
-	rc.Merge = map[string]replicator.MergeFunc{}
-	for b, fn := range identity.MergeFuncs() { // accounts and invites merge per field
-		rc.Merge[b] = fn
-	}
+	circlenode.IdentityBuckets(&rc)
 	rc.Logger = ctx.Slogger().With("component", "replicator")
 	return circlenode.Config{
 		Listen:     a.Listen,

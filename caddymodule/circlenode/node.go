@@ -43,6 +43,17 @@ type Config struct {
 	Logger *slog.Logger
 }
 
+// IdentityBuckets sets what identity's records need from the replicated
+// store: its first-writer-wins buckets (username claims) and the buckets
+// merged per field (accounts, invites).
+func IdentityBuckets(rc *replicator.Config) {
+	rc.FirstWriterWins = identity.FirstWriterWinsBuckets()
+	rc.Merge = map[string]replicator.MergeFunc{}
+	for b, fn := range identity.MergeFuncs() {
+		rc.Merge[b] = fn
+	}
+}
+
 // Fingerprint digests the settings that need a new node to change, so a
 // reload with different settings can say that they are not applied. It
 // never leaves the process.

@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/memberlist"
+
+	"github.com/homecircle/circle/caddymodule/circlenode"
 	"github.com/homecircle/circle/identity"
 	"github.com/homecircle/circle/replicator"
 )
@@ -90,42 +92,6 @@ func (c *cutTransport) DialAddressTimeout(a memberlist.Address, timeout time.Dur
 	return c.DialTimeout(a.Addr, timeout)
 }
 
-// store adapts *replicator.Node to identity.Store, as caddymodule does.
-type store struct{ n *replicator.Node }
-
-func (s store) Get(bucket, key string) ([]byte, error) {
-	r, err := s.n.Get(bucket, key)
-	if errors.Is(err, replicator.ErrNotFound) {
-		return nil, fmt.Errorf("%w: %w", identity.ErrNotFound, err)
-	}
-	return r.Value, err
-}
-
-func (s store) List(bucket, prefix string) ([]identity.Entry, error) {
-	recs, err := s.n.List(bucket, prefix)
-	out := make([]identity.Entry, 0, len(recs))
-	for _, r := range recs {
-		out = append(out, identity.Entry{Key: r.Key, Value: r.Value})
-	}
-	return out, err
-}
-
-func (s store) Put(ctx context.Context, bucket, key string, value []byte) error {
-	return s.n.Put(ctx, bucket, key, value)
-}
-
-func (s store) Delete(ctx context.Context, bucket, key string) error {
-	return s.n.Delete(ctx, bucket, key)
-}
-
-func (s store) PutAsync(bucket, key string, value []byte) error {
-	return s.n.PutAsync(bucket, key, value)
-}
-
-func (s store) Watch(bucket string, fn func(key string, value []byte, deleted bool)) func() {
-	return s.n.Watch(bucket, func(r replicator.Record) { fn(r.Key, r.Value, r.Deleted) })
-}
-
 // node is a replicator node with an identity service on it.
 type node struct {
 	name string
@@ -146,11 +112,7 @@ func startNode(t *testing.T, dir, name string, now func() time.Time, seeds ...st
 	rc.BindAddr = fmt.Sprintf("127.0.0.1:%d", tr.GetAutoBindPort())
 	rc.Join = seeds
 	rc.AntiEntropyInterval = 500 * time.Millisecond
-	rc.FirstWriterWins = identity.FirstWriterWinsBuckets()
-	rc.Merge = map[string]replicator.MergeFunc{}
-	for b, fn := range identity.MergeFuncs() {
-		rc.Merge[b] = fn
-	}
+	circlenode.IdentityBuckets(&rc)
 	rc.Now = now
 	rc.Transport = tr
 	if testing.Verbose() {
@@ -168,7 +130,7 @@ func startNode(t *testing.T, dir, name string, now func() time.Time, seeds ...st
 	ic.Argon2Time = 1
 	ic.Now = now
 	ic.Node = name
-	id, err := identity.New(store{repl}, ic)
+	id, err := identity.New(circlenode.IdentityStore(repl), ic)
 	if err != nil {
 		t.Fatal(err)
 	}
