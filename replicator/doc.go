@@ -6,6 +6,10 @@
 // two versions of a key the higher one wins (last writer wins), deletes are
 // tombstones. Buckets named in Config.FirstWriterWins keep the earlier of two
 // live records instead (a tombstone still beats an older live record).
+// A version more than Config.MaxClockSkew ahead of this node's wall clock
+// is refused and kept aside until the clock catches up (skew.go), so a
+// node with a fast clock neither wins conflicts early nor drags the
+// others' clocks forward; Members reports each peer's measured offset.
 //
 // Nodes find each other with hashicorp/memberlist (SWIM gossip), keyed with
 // a key derived from the circle secret, so a node with another secret can

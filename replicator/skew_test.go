@@ -1,7 +1,10 @@
 package replicator
 
 import (
+	"errors"
+	"fmt"
 	"math"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -115,4 +118,131 @@ func TestSkewMaxVersionDoesNotPoison(t *testing.T) {
 		t.Errorf("clock wrapped or dragged: a new write is versioned %v (%v from now)", r.Version, -d)
 	}
 	notDragged(t, n, "x", "k2")
+}
+
+// settableClock is a wall clock at a settable offset from the real one.
+type settableClock struct{ off atomic.Int64 }
+
+func (c *settableClock) Now() time.Time        { return time.Now().Add(time.Duration(c.off.Load())) }
+func (c *settableClock) Set(off time.Duration) { c.off.Store(int64(off)) }
+
+// TestSkewKeptAsideThenApplied: a record too far ahead is refused, kept
+// aside without moving the clock, and applied once the clock catches up.
+func TestSkewKeptAsideThenApplied(t *testing.T) {
+	var clk settableClock
+	n := cluster(t, 1, func(c *Config) { c.Now = clk.Now })[0]
+	ahead := time.Now().Add(5 * time.Minute)
+	rec := Record{Bucket: "x", Key: "k", Value: []byte("later"), Version: Version{Time: physical(ahead), Node: "peer"}}
+	held, err := n.applyRemoteHeld([]Record{rec}, false)
+	if err != nil || held != 0 {
+		t.Fatalf("applyRemoteHeld = %d, %v; want 0 held", held, err)
+	}
+	older := rec
+	older.Value, older.Version.Time = []byte("older"), physical(ahead.Add(-time.Second))
+	if err := n.applyRemote([]Record{older}, false); err != nil {
+		t.Fatal(err)
+	}
+	if !absent(n, "x", "k") {
+		t.Fatal("a record 5 min ahead was applied")
+	}
+	if st := n.Stats(); st.SkewRefused != 2 || st.KeptAside != 1 {
+		t.Fatalf("stats: refused %d, kept aside %d; want 2, 1", st.SkewRefused, st.KeptAside)
+	}
+	notDragged(t, n, "x", "k")
+	clk.Set(5 * time.Minute)
+	waitFor(t, 5*time.Second, "the kept record is applied once the clock caught up", func() bool { return valueIs(n, "x", "k", "later") })
+	if st := n.Stats(); st.KeptAside != 0 {
+		t.Fatalf("still kept aside: %d", st.KeptAside)
+	}
+}
+
+// TestSkewAsideBounded: records kept aside are bounded in number; more are
+// refused without being kept, and records beyond the horizon are not kept.
+func TestSkewAsideBounded(t *testing.T) {
+	n := cluster(t, 1, nil)[0]
+	base := physical(time.Now().Add(time.Hour))
+	recs := make([]Record, asideMax+10)
+	for i := range recs {
+		recs[i] = Record{Bucket: "x", Key: fmt.Sprintf("k%05d", i), Value: []byte("v"), Version: Version{Time: base + uint64(i), Node: "peer"}}
+	}
+	if err := n.applyRemote(recs, false); err != nil {
+		t.Fatal(err)
+	}
+	far := Record{Bucket: "x", Key: "far", Value: []byte("v"), Version: Version{Time: physical(time.Now().Add(asideHorizon + time.Hour)), Node: "peer"}}
+	if err := n.applyRemote([]Record{far}, false); err != nil {
+		t.Fatal(err)
+	}
+	if st := n.Stats(); st.KeptAside != asideMax || st.SkewRefused != asideMax+11 || st.Records != 0 {
+		t.Fatalf("stats %+v; want %d kept aside, %d refused, no records", st, asideMax, asideMax+11)
+	}
+}
+
+// TestSkewFastWriterIsTold: a Put on a node whose clock is ahead of its
+// peers' returns ErrClockSkew (and ErrAckTimeout) instead of counting the
+// refusing peers as copies; the peers apply the record once their clocks
+// catch up; each side measures the other's offset.
+func TestSkewFastWriterIsTold(t *testing.T) {
+	var slow settableClock
+	nodes := cluster(t, 2, func(c *Config) {
+		if c.Name == "n0" {
+			c.Now = slow.Now
+		} else {
+			c.Now = fastClock
+		}
+	})
+	n0, fast := nodes[0], nodes[1]
+	start := time.Now()
+	err := fast.Put(ctxT(t), "x", "k", []byte("v"))
+	if !errors.Is(err, ErrClockSkew) || !errors.Is(err, ErrAckTimeout) {
+		t.Fatalf("Put on the fast node: %v", err)
+	}
+	if d := time.Since(start); d >= DefaultAckTimeout {
+		t.Errorf("Put took %v: the refusal should end the wait", d)
+	}
+	if !valueIs(fast, "x", "k", "v") || !absent(n0, "x", "k") {
+		t.Fatal("the record must be stored on the writer and not yet on the refusing peer")
+	}
+	offsetNear := func(n *Node, peer string, want time.Duration) bool {
+		for _, m := range n.Members() {
+			if m.Name == peer && m.ClockMeasured {
+				d := m.ClockOffset - want
+				return d > -5*time.Second && d < 5*time.Second // 5 s: half a round trip on a busy machine is far less
+			}
+		}
+		return false
+	}
+	waitFor(t, 10*time.Second, "offsets measured", func() bool {
+		return offsetNear(n0, "n1", 10*time.Minute) && offsetNear(fast, "n0", -10*time.Minute)
+	})
+	slow.Set(10 * time.Minute) // n0's clock catches up
+	waitFor(t, 5*time.Second, "n0 applies the kept record", func() bool { return valueIs(n0, "x", "k", "v") })
+}
+
+func TestHLCBounds(t *testing.T) {
+	now := time.UnixMilli(1_000_000)
+	c := hlc{now: func() time.Time { return now }, maxAhead: time.Minute}
+	if c.observe(physical(now.Add(time.Minute + time.Millisecond))) {
+		t.Fatal("observed a timestamp beyond the maximum skew")
+	}
+	if !c.observe(physical(now.Add(time.Minute)) | 0xffff) {
+		t.Fatal("refused a timestamp at the maximum skew")
+	}
+	if c.observe(math.MaxUint64) || c.last == math.MaxUint64 {
+		t.Fatal("observed the largest timestamp")
+	}
+	c = hlc{now: func() time.Time { return now }, last: math.MaxUint64}
+	if got := c.next(); got != math.MaxUint64 {
+		t.Fatalf("clock wrapped: %x", got)
+	}
+	if physical(time.Unix(1<<50, 0)) != maxMillis<<16 || physical(time.Unix(-5, 0)) != 0 {
+		t.Fatal("physical does not clamp")
+	}
+	cfg, _ := testConfig(t, t.TempDir(), "x").withDefaults()
+	cfg.Now = func() time.Time { return now }
+	if c := newClock(math.MaxUint64, cfg); c.last != c.ceiling() {
+		t.Fatalf("stored clock not capped: %x", c.last)
+	}
+	if c := newClock(5, cfg); c.last != 5 {
+		t.Fatalf("stored clock changed: %x", c.last)
+	}
 }
