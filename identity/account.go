@@ -53,6 +53,11 @@ type accountRecord struct {
 	PasswordHash string    `json:"password_hash"`
 	Created      time.Time `json:"created"`
 	Updated      time.Time `json:"updated"`
+	// SessionGen is the account's session generation: RevokeAll
+	// increments it, and tokens and session records carry the generation
+	// current when they were issued; lower ones are revoked. It only grows
+	// (merge: the maximum). See RevokeAll.
+	SessionGen uint64 `json:"session_gen,omitempty"`
 }
 
 func (r accountRecord) account() Account {

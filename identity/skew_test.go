@@ -60,3 +60,50 @@ func TestRevokeAllSkewedClocks(t *testing.T) {
 		})
 	}
 }
+
+// TestRevokeAllGenerationHolds: the session generation does not go back
+// when a whole-record account write that had not seen the increment wins
+// (until account records merge per field), and a revoke-all by a node that
+// does not know the sessions yet still revokes them by generation.
+func TestRevokeAllGenerationHolds(t *testing.T) {
+	ctx := context.Background()
+	store := NewMemStore()
+	s := newTestService(t, store, nil)
+	a := mustCreate(t, s, "dave", "password1")
+	stale, err := store.Get(bucketAccounts, a.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, sess := mustIssue(t, s, a)
+	// The session record has not reached the revoking node: only the
+	// generation revokes the token.
+	if err := store.Delete(ctx, bucketSessions, sess.ID); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.RevokeAll(ctx, a.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Verify(tok); !errors.Is(err, ErrRevoked) {
+		t.Fatalf("token of an unlisted session after revoke-all: %v", err)
+	}
+	if err := store.Put(ctx, bucketAccounts, a.ID, stale); err != nil { // a concurrent write that won
+		t.Fatal(err)
+	}
+	if _, err := s.Verify(tok); !errors.Is(err, ErrRevoked) {
+		t.Fatalf("token after a stale account write: %v", err)
+	}
+	fresh, _ := mustIssue(t, s, a)
+	if _, err := s.Verify(fresh); err != nil {
+		t.Fatalf("new session: %v", err)
+	}
+	if err := s.RevokeAll(ctx, a.ID); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Verify(fresh); !errors.Is(err, ErrRevoked) {
+		t.Fatalf("second revoke-all: %v", err)
+	}
+	rec, err := s.loadAccount(a.ID)
+	if err != nil || rec.SessionGen != 2 {
+		t.Fatalf("stored generation %d (%v), want 2", rec.SessionGen, err)
+	}
+}
