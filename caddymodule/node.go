@@ -77,7 +77,7 @@ func (c nodeConfig) fingerprint() [32]byte {
 	for _, j := range r.Join {
 		w(j)
 	}
-	w(fmt.Sprint(r.Replicas, r.AckTimeout, r.AntiEntropyInterval, r.FirstWriterWins))
+	w(fmt.Sprint(r.Replicas, r.AckTimeout, r.AntiEntropyInterval, r.FirstWriterWins, r.MaxClockSkew))
 	w(c.identity.Domain)
 	w(c.listen)
 	w(c.advertise)
