@@ -171,6 +171,7 @@ func Open(cfg Config) (*Node, error) {
 		dialed:    make(map[*secureConn]struct{}),
 		members:   make(map[string]*memberInfo),
 	}
+	n.clock.now = n.circleNow // own wall clock, or the circle's median if later (skew.go)
 	for _, b := range cfg.FirstWriterWins {
 		n.fww[b] = true
 	}

@@ -3,6 +3,7 @@ package replicator
 import (
 	"encoding/binary"
 	"errors"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -26,11 +27,19 @@ import (
 //     ErrAckTimeout wrapping ErrClockSkew at once when the refusals make the
 //     wanted count unreachable).
 //
-// Independently, each node measures every peer's clock offset from
-// memberlist's probes: the acker puts its wall time in the ack payload and
-// the prober computes offset = their_time - (sent + rtt/2), keeping the
-// sample with the smallest round trip of the last few. Members reports it;
-// a peer beyond the maximum is logged (at most once a minute per peer).
+// Each node measures every peer's clock offset from memberlist's probes:
+// the acker puts its wall time in the ack payload and the prober computes
+// offset = their_time - (sent + rtt/2), keeping the sample with the
+// smallest round trip of the last few. Members reports it; a peer beyond
+// the maximum is logged (at most once a minute per peer).
+//
+// "The local clock" above is circleNow: this node's wall clock, or the
+// median of the circle's clocks (this node's and the recently measured
+// peers', lower middle for an even count) if that is later. So a node that
+// alone is slow follows the others, accepting their records and versioning
+// its own writes by their time, instead of refusing everything current,
+// while the others refuse a node that alone is fast. Between two nodes the
+// median is never above one's own clock: nobody can tell which is wrong.
 
 const (
 	asideMax      = 10000              // records kept aside
@@ -39,6 +48,7 @@ const (
 	asideRetry    = time.Second        // how often kept records are checked
 	skewWarnEvery = time.Minute        // per node, for refusal and offset warnings
 	clockSamples  = 5                  // offset samples kept per peer
+	clockFresh    = 30 * time.Second   // measurements older than this do not count in circleNow
 
 	// pingClockV1 tags the probe ack payload: 1 byte 0x01, then the
 	// acker's wall clock as int64 Unix nanoseconds, big-endian (9 bytes).
@@ -67,6 +77,7 @@ type skewState struct {
 type peerClock struct {
 	samples [clockSamples]clockSample
 	n       int       // samples taken (the ring holds the last clockSamples)
+	at      time.Time // last sample (monotonic)
 	warned  time.Time // last offset warning
 }
 
@@ -236,6 +247,7 @@ func (n *Node) noteClock(peer string, rtt time.Duration, payload []byte) {
 	}
 	pc.samples[pc.n%clockSamples] = clockSample{offset: offset, rtt: rtt}
 	pc.n++
+	pc.at = time.Now()
 	est := pc.offset()
 	warn := (est > n.cfg.MaxClockSkew || est < -n.cfg.MaxClockSkew) && time.Since(pc.warned) >= skewWarnEvery
 	if warn {
@@ -245,11 +257,8 @@ func (n *Node) noteClock(peer string, rtt time.Duration, payload []byte) {
 	if !warn {
 		return
 	}
-	msg := "a peer's clock is ahead of ours by more than the maximum skew: its records are kept aside here until our clock catches up"
-	if est < 0 {
-		msg = "a peer's clock is behind ours by more than the maximum skew: our records are kept aside there until its clock catches up"
-	}
-	n.log.Warn(msg, "node", peer, "offset", est.Round(time.Millisecond), "max_clock_skew", n.cfg.MaxClockSkew)
+	n.log.Warn("a peer's clock differs from ours by more than the maximum skew: records versioned by the clock ahead are kept aside by the other until it catches up, unless most of the circle agrees with it",
+		"node", peer, "offset", est.Round(time.Millisecond), "max_clock_skew", n.cfg.MaxClockSkew)
 }
 
 // fillClockOffsets sets the measured clock offsets of ms (Members).
@@ -261,4 +270,27 @@ func (n *Node) fillClockOffsets(ms []Member) {
 			ms[i].ClockOffset, ms[i].ClockMeasured = pc.offset(), true
 		}
 	}
+}
+
+// circleNow is the time the node versions writes by and judges remote
+// versions against: its wall clock, or the median of the circle's clocks if
+// that is later (see the top of this file). Called with n.mu held.
+func (n *Node) circleNow() time.Time {
+	now := n.cfg.Now()
+	offsets := []time.Duration{0}
+	n.skew.mu.Lock()
+	for _, pc := range n.skew.peers {
+		if time.Since(pc.at) < clockFresh {
+			offsets = append(offsets, pc.offset())
+		}
+	}
+	n.skew.mu.Unlock()
+	if len(offsets) < 3 {
+		return now // with one peer, the lower middle is never later than ours
+	}
+	slices.Sort(offsets)
+	if med := offsets[(len(offsets)-1)/2]; med > 0 {
+		return now.Add(med)
+	}
+	return now
 }

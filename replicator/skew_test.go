@@ -246,3 +246,39 @@ func TestHLCBounds(t *testing.T) {
 		t.Fatalf("stored clock changed: %x", c.last)
 	}
 }
+
+// TestSkewSlowNodeFollowsTheCircle: a node whose clock alone is 10 minutes
+// slow takes the circle's median time: it applies the others' writes at
+// once (instead of keeping them aside for 10 minutes) and its own later
+// writes win over earlier ones of the others.
+func TestSkewSlowNodeFollowsTheCircle(t *testing.T) {
+	nodes := cluster(t, 3, func(c *Config) {
+		if c.Name == "n2" {
+			c.Now = func() time.Time { return time.Now().Add(-10 * time.Minute) }
+		}
+	})
+	c0, slow := nodes[0], nodes[2]
+	waitFor(t, 10*time.Second, "the slow node measures both peers", func() bool {
+		k := 0
+		for _, m := range slow.Members() {
+			if m.ClockMeasured {
+				k++
+			}
+		}
+		return k == 2
+	})
+	if err := c0.Put(ctxT(t), "x", "k", []byte("c0")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "the slow node applies c0's write", func() bool { return valueIs(slow, "x", "k", "c0") })
+	if err := slow.Put(ctxT(t), "x", "k", []byte("slow")); err != nil {
+		t.Fatalf("Put on the slow node: %v", err)
+	}
+	for _, n := range nodes {
+		waitFor(t, 5*time.Second, n.Name()+" has the slow node's later write", func() bool { return valueIs(n, "x", "k", "slow") })
+		notDragged(t, n, "x", "k")
+	}
+	if st := slow.Stats(); st.SkewRefused != 0 {
+		t.Errorf("the slow node refused %d records", st.SkewRefused)
+	}
+}
