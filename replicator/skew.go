@@ -176,12 +176,9 @@ func (n *Node) warnRefused(r *Record, kept bool) {
 	}
 	n.skew.warned[r.Version.Node] = now
 	n.skew.mu.Unlock()
-	ahead := r.Version.WallTime().Sub(n.cfg.Now()).Round(time.Millisecond)
-	if r.Version.Time>>16 == maxMillis {
-		ahead = -1 // beyond what a duration holds
-	}
+	ahead := r.Version.WallTime().Sub(n.clock.now()).Round(time.Millisecond) // saturates at ~292 years
 	n.log.Warn("refused records versioned by a clock ahead of ours", "node", r.Version.Node, "ahead", ahead,
-		"max_clock_skew", n.cfg.MaxClockSkew, "kept_aside", kept, "bucket", r.Bucket)
+		"version", r.Version.String(), "max_clock_skew", n.cfg.MaxClockSkew, "kept_aside", kept, "bucket", r.Bucket)
 }
 
 // asideLoop applies kept-aside records once the local clock has caught up
@@ -257,8 +254,7 @@ func (n *Node) noteClock(peer string, rtt time.Duration, payload []byte) {
 	if !warn {
 		return
 	}
-	n.log.Warn("a peer's clock differs from ours by more than the maximum skew: records versioned by the clock ahead are kept aside by the other until it catches up, unless most of the circle agrees with it",
-		"node", peer, "offset", est.Round(time.Millisecond), "max_clock_skew", n.cfg.MaxClockSkew)
+	n.log.Warn("a peer's clock differs from ours by more than the maximum skew (the records of the one ahead wait until the other catches up)", "node", peer, "offset", est.Round(time.Millisecond), "max_clock_skew", n.cfg.MaxClockSkew)
 }
 
 // fillClockOffsets sets the measured clock offsets of ms (Members).
