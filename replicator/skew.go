@@ -30,8 +30,10 @@ import (
 // Each node measures every peer's clock offset from memberlist's probes:
 // the acker puts its wall time in the ack payload and the prober computes
 // offset = their_time - (sent + rtt/2), keeping the sample with the
-// smallest round trip of the last few. Members reports it; a peer beyond
-// the maximum is logged (at most once a minute per peer).
+// smallest round trip of the last few that agree with the latest (older
+// ones predate a step of the peer's clock), corrected for steps of our own
+// clock since. Members reports it; a peer beyond the maximum is logged (at
+// most once a minute per peer).
 //
 // "The local clock" above is circleNow: this node's wall clock, or the
 // median of the circle's clocks (this node's and the recently measured
@@ -81,17 +83,37 @@ type peerClock struct {
 	warned  time.Time // last offset warning
 }
 
-type clockSample struct{ offset, rtt time.Duration }
+// clockSample is one measurement: the peer's clock minus ours, the probe's
+// round trip (the error is at most half of it), and when it was taken by
+// our wall clock (without monotonic reading) and by the monotonic clock.
+type clockSample struct {
+	offset, rtt time.Duration
+	wall, mono  time.Time
+}
 
-// offset returns the sample with the smallest round trip (the least error).
-func (pc *peerClock) offset() time.Duration {
-	best := pc.samples[0]
-	for _, s := range pc.samples[1:min(pc.n, clockSamples)] {
-		if s.rtt < best.rtt {
-			best = s
-		}
+// clockSlack is added to the error bound when samples are compared.
+const clockSlack = 10 * time.Millisecond
+
+// offset returns the peer's clock minus ours at wall time now (our Now
+// without monotonic reading): the sample with the smallest round trip among
+// those that agree with the latest, corrected for steps of our own clock
+// since it was taken. Samples that disagree with the latest by more than
+// their errors predate a step of the peer's clock. pc.n must be > 0.
+func (pc *peerClock) offset(now time.Time) time.Duration {
+	adj := func(s clockSample) time.Duration { // our steps since s shift the offset
+		return s.offset - (now.Sub(s.wall) - time.Since(s.mono))
 	}
-	return best.offset
+	latest := pc.samples[(pc.n-1)%clockSamples]
+	latestOff := adj(latest)
+	best, bestOff := latest, latestOff
+	for _, s := range pc.samples[:min(pc.n, clockSamples)] {
+		o := adj(s)
+		if s.rtt >= best.rtt || (o-latestOff).Abs() > (s.rtt+latest.rtt)/2+clockSlack {
+			continue
+		}
+		best, bestOff = s, o
+	}
+	return bestOff
 }
 
 // newClock returns the node's clock starting at the stored timestamp last,
@@ -232,7 +254,8 @@ func (n *Node) noteClock(peer string, rtt time.Duration, payload []byte) {
 		return
 	}
 	theirs := time.Unix(0, int64(binary.BigEndian.Uint64(payload[1:])))
-	offset := theirs.Sub(n.cfg.Now().Add(-rtt / 2))
+	mono, now := time.Now(), n.cfg.Now().Round(0)
+	offset := theirs.Sub(now.Add(-rtt / 2))
 	n.skew.mu.Lock()
 	if n.skew.peers == nil {
 		n.skew.peers = make(map[string]*peerClock)
@@ -242,10 +265,10 @@ func (n *Node) noteClock(peer string, rtt time.Duration, payload []byte) {
 		pc = &peerClock{}
 		n.skew.peers[peer] = pc
 	}
-	pc.samples[pc.n%clockSamples] = clockSample{offset: offset, rtt: rtt}
+	pc.samples[pc.n%clockSamples] = clockSample{offset: offset, rtt: rtt, wall: now, mono: mono}
 	pc.n++
 	pc.at = time.Now()
-	est := pc.offset()
+	est := pc.offset(now)
 	warn := (est > n.cfg.MaxClockSkew || est < -n.cfg.MaxClockSkew) && time.Since(pc.warned) >= skewWarnEvery
 	if warn {
 		pc.warned = time.Now()
@@ -259,11 +282,12 @@ func (n *Node) noteClock(peer string, rtt time.Duration, payload []byte) {
 
 // fillClockOffsets sets the measured clock offsets of ms (Members).
 func (n *Node) fillClockOffsets(ms []Member) {
+	now := n.cfg.Now().Round(0)
 	n.skew.mu.Lock()
 	defer n.skew.mu.Unlock()
 	for i := range ms {
 		if pc := n.skew.peers[ms[i].Name]; pc != nil && ms[i].Name != n.cfg.Name {
-			ms[i].ClockOffset, ms[i].ClockMeasured = pc.offset(), true
+			ms[i].ClockOffset, ms[i].ClockMeasured = pc.offset(now), true
 		}
 	}
 }
@@ -273,11 +297,12 @@ func (n *Node) fillClockOffsets(ms []Member) {
 // that is later (see the top of this file). Called with n.mu held.
 func (n *Node) circleNow() time.Time {
 	now := n.cfg.Now()
+	wall := now.Round(0)
 	offsets := []time.Duration{0}
 	n.skew.mu.Lock()
 	for _, pc := range n.skew.peers {
 		if time.Since(pc.at) < clockFresh {
-			offsets = append(offsets, pc.offset())
+			offsets = append(offsets, pc.offset(wall))
 		}
 	}
 	n.skew.mu.Unlock()

@@ -214,7 +214,10 @@ func TestSkewFastWriterIsTold(t *testing.T) {
 	waitFor(t, 10*time.Second, "offsets measured", func() bool {
 		return offsetNear(n0, "n1", 10*time.Minute) && offsetNear(fast, "n0", -10*time.Minute)
 	})
-	slow.Set(10 * time.Minute) // n0's clock catches up
+	slow.Set(10 * time.Minute) // n0's clock steps forward and catches up
+	if !offsetNear(n0, "n1", 0) {
+		t.Errorf("n0's offset to n1 does not follow n0's own step at once: %+v", n0.Members())
+	}
 	waitFor(t, 5*time.Second, "n0 applies the kept record", func() bool { return valueIs(n0, "x", "k", "v") })
 }
 
@@ -280,5 +283,31 @@ func TestSkewSlowNodeFollowsTheCircle(t *testing.T) {
 	}
 	if st := slow.Stats(); st.SkewRefused != 0 {
 		t.Errorf("the slow node refused %d records", st.SkewRefused)
+	}
+}
+
+// TestPeerClockSteps: the offset estimate follows a step of either clock at
+// once instead of keeping an older sample with a shorter round trip.
+func TestPeerClockSteps(t *testing.T) {
+	wall := time.Now().Round(0)
+	mono := time.Now()
+	var pc peerClock
+	add := func(off, rtt time.Duration) {
+		pc.samples[pc.n%clockSamples] = clockSample{offset: off, rtt: rtt, wall: wall, mono: mono}
+		pc.n++
+	}
+	near := func(got, want time.Duration) bool { return (got - want).Abs() < 20*time.Millisecond } // the test's own run time
+	add(100*time.Millisecond, time.Millisecond)
+	add(150*time.Millisecond, 100*time.Millisecond) // agrees within the errors (rtt/2 each)
+	if got := pc.offset(wall); !near(got, 100*time.Millisecond) {
+		t.Fatalf("offset %v, want the short round trip's 100ms", got)
+	}
+	add(10*time.Minute, 100*time.Millisecond) // the peer's clock stepped forward
+	if got := pc.offset(wall); !near(got, 10*time.Minute) {
+		t.Fatalf("after the peer's step: %v, want 10m", got)
+	}
+	// Our own clock steps back 10 minutes: every sample shifts.
+	if got := pc.offset(wall.Add(-10 * time.Minute)); !near(got, 20*time.Minute) {
+		t.Fatalf("after our step back: %v, want 20m", got)
 	}
 }
