@@ -208,7 +208,11 @@ func openSharedNode(cfg nodeConfig) (*sharedNode, error) {
 
 	waitInitialSync(ctx, repl, len(cfg.replicator.Join) > 0, start, cfg.syncTimeout, cfg.logger)
 
-	ident, err := identity.New(identityStore{repl}, cfg.identity)
+	icfg := cfg.identity
+	if icfg.Now == nil {
+		icfg.Now = repl.Now // a node whose clock alone is slow follows the circle's (replicator/skew.go)
+	}
+	ident, err := identity.New(identityStore{repl}, icfg)
 	if err != nil {
 		sn.Destruct()
 		return nil, fmt.Errorf("creating identity service: %w", err)

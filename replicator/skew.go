@@ -292,13 +292,19 @@ func (n *Node) fillClockOffsets(ms []Member) {
 	}
 }
 
-// circleNow is the time the node versions writes by and judges remote
-// versions against: its wall clock, or the median of the circle's clocks if
-// that is later (see the top of this file). Called with n.mu held.
+// Now returns the circle's time as this node knows it: its wall clock
+// (Config.Now), or the median of the circle's clocks if that is later. It
+// is the time versions are made and judged by; services on top of the
+// store (identity) can use it so that a node whose clock alone is slow
+// follows the circle there too. Safe for concurrent use; cheap.
+func (n *Node) Now() time.Time { return n.circleNow() }
+
+// circleNow implements Now (see the top of this file).
 func (n *Node) circleNow() time.Time {
 	now := n.cfg.Now()
 	wall := now.Round(0)
-	offsets := []time.Duration{0}
+	var buf [16]time.Duration
+	offsets := append(buf[:0], 0)
 	n.skew.mu.Lock()
 	for _, pc := range n.skew.peers {
 		if time.Since(pc.at) < clockFresh {

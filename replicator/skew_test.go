@@ -281,6 +281,9 @@ func TestSkewSlowNodeFollowsTheCircle(t *testing.T) {
 		waitFor(t, 5*time.Second, n.Name()+" has the slow node's later write", func() bool { return valueIs(n, "x", "k", "slow") })
 		notDragged(t, n, "x", "k")
 	}
+	if d := time.Until(slow.Now()); d.Abs() > 5*time.Second { // 5 s: far above a loopback measurement's error
+		t.Errorf("the slow node's circle time is %v off", d)
+	}
 	if st := slow.Stats(); st.SkewRefused != 0 {
 		t.Errorf("the slow node refused %d records", st.SkewRefused)
 	}
