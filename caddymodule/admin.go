@@ -119,6 +119,9 @@ type statusJSON struct {
 	Mesh *meshJSON `json:"mesh,omitempty"`
 	// Services are the circle services this node offers (by name).
 	Services []serviceJSON `json:"services"`
+	// MaxClockSkew is the configured maximum (a Go duration): members
+	// whose clock is off by more are flagged clock_skewed.
+	MaxClockSkew string `json:"max_clock_skew"`
 }
 
 type memberJSON struct {
@@ -129,6 +132,14 @@ type memberJSON struct {
 	// "punched", "relayed via NODE", "none" (no live connection), or ""
 	// for members that are not alive.
 	Path string `json:"path"`
+	// ClockOffset is the member's wall clock minus this node's as measured
+	// from probe acks (a Go duration, e.g. "-2m0.004s"); empty for this
+	// node and while not measured.
+	ClockOffset string `json:"clock_offset,omitempty"`
+	// ClockSkewed: |ClockOffset| exceeds MaxClockSkew, so the records of
+	// the node whose clock is ahead are kept aside by the other until its
+	// clock catches up.
+	ClockSkewed bool `json:"clock_skewed,omitempty"`
 }
 
 // meshJSON is the mesh section of the status.
@@ -265,8 +276,14 @@ func (a *adminAPI) handleStatus(w http.ResponseWriter, r *http.Request, app *App
 		sort.Slice(st.Services, func(i, j int) bool { return st.Services[i].Name < st.Services[j].Name })
 	}
 	alive := 0
+	maxSkew := app.maxClockSkew()
+	st.MaxClockSkew = maxSkew.String()
 	for _, m := range repl.Members() {
 		mj := memberJSON{Name: m.Name, Addr: m.Addr, State: m.State, Path: "none"}
+		if m.ClockMeasured {
+			mj.ClockOffset = m.ClockOffset.Round(time.Millisecond).String()
+			mj.ClockSkewed = m.ClockOffset > maxSkew || m.ClockOffset < -maxSkew
+		}
 		if p, ok := paths[m.Name]; ok {
 			mj.Path = p
 		}

@@ -110,6 +110,12 @@ type App struct {
 	// own. Default: 10s.
 	SyncTimeout caddy.Duration `json:"sync_timeout,omitempty"`
 
+	// MaxClockSkew is how far ahead of this node's clock another node's
+	// record versions may be: records from further ahead are kept aside
+	// until this clock catches up, and members whose measured clock offset
+	// exceeds it are flagged in the status and the logs. Default: 1m.
+	MaxClockSkew caddy.Duration `json:"max_clock_skew,omitempty"`
+
 	secret    []byte
 	node      *sharedNode
 	ident     *identity.Service // the node's (tests of handlers set only this)
@@ -191,6 +197,9 @@ func (a *App) validate() error {
 	if a.Replicas < 1 {
 		return fmt.Errorf("circle: replicas must be at least 1, got %d", a.Replicas)
 	}
+	if a.MaxClockSkew < 0 {
+		return fmt.Errorf("circle: max_clock_skew must not be negative, got %v", time.Duration(a.MaxClockSkew))
+	}
 	for _, hp := range append([]string{a.Listen}, a.Join...) {
 		if _, _, err := net.SplitHostPort(hp); err != nil {
 			return fmt.Errorf("circle: address %q: %v", hp, err)
@@ -257,6 +266,14 @@ func isPlaceholder(s string) bool {
 		(strings.HasPrefix(s, "{env.") || strings.HasPrefix(s, "{file."))
 }
 
+// maxClockSkew is MaxClockSkew or its default.
+func (a *App) maxClockSkew() time.Duration {
+	if a.MaxClockSkew > 0 {
+		return time.Duration(a.MaxClockSkew)
+	}
+	return replicator.DefaultMaxClockSkew
+}
+
 // nodeConfig translates the app config into the shared node's settings.
 func (a *App) nodeConfig(ctx caddy.Context) circlenode.Config {
 	rc := replicator.DefaultConfig()
@@ -273,6 +290,7 @@ func (a *App) nodeConfig(ctx caddy.Context) circlenode.Config {
 	if a.AntiEntropyInterval > 0 {
 		rc.AntiEntropyInterval = time.Duration(a.AntiEntropyInterval)
 	}
+	rc.MaxClockSkew = a.maxClockSkew()
 	circlenode.IdentityBuckets(&rc)
 	rc.Logger = ctx.Slogger().With("component", "replicator")
 	return circlenode.Config{

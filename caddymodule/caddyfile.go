@@ -53,6 +53,7 @@ func parseGlobalCircle(d *caddyfile.Dispenser, existing any) (any, error) {
 //		replicas    <n>
 //		relay       <[host]:port>
 //		service     <name> <upstream host:port>
+//		max_clock_skew <duration>        # default 1m
 //	}
 //
 // Every subdirective takes its arguments on one line; `join` and `service`
@@ -145,6 +146,18 @@ func (a *App) UnmarshalCaddyfile(d *caddyfile.Dispenser) error {
 				return d.Errf("replicas must be a positive integer, got %q", d.Val())
 			}
 			a.Replicas = n
+			if d.NextArg() {
+				return d.ArgErr()
+			}
+		case "max_clock_skew":
+			if !d.NextArg() {
+				return d.ArgErr()
+			}
+			dur, err := caddy.ParseDuration(d.Val())
+			if err != nil || dur <= 0 {
+				return d.Errf("max_clock_skew must be a positive duration, got %q", d.Val())
+			}
+			a.MaxClockSkew = caddy.Duration(dur)
 			if d.NextArg() {
 				return d.ArgErr()
 			}

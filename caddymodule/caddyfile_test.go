@@ -5,7 +5,9 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/caddy/v2/caddyconfig/caddyfile"
 	"github.com/caddyserver/caddy/v2/caddyconfig/httpcaddyfile"
 )
@@ -29,12 +31,13 @@ func TestUnmarshalGlobalCircle(t *testing.T) {
 				join        198.18.0.11:7946 beta.ourcircle.net:7946
 				replicas    2
 				relay       :3478
+				max_clock_skew 90s
 			}`,
 			want: App{
 				Name: "alpha", DomainName: "ourcircle.net", SecretFile: "/etc/circle/secret",
 				DataDir: "/var/lib/circle", Listen: "0.0.0.0:7946", Advertise: "198.18.0.10:7946",
 				Join:     []string{"198.18.0.11:7946", "beta.ourcircle.net:7946"},
-				Replicas: 2, Relay: ":3478",
+				Replicas: 2, Relay: ":3478", MaxClockSkew: caddy.Duration(90 * time.Second),
 			},
 		},
 		{
@@ -68,6 +71,12 @@ func TestUnmarshalGlobalCircle(t *testing.T) {
 		{name: "replicas not a number", input: "circle {\n replicas two\n}", wantErr: "positive integer"},
 		{name: "replicas zero", input: "circle {\n replicas 0\n}", wantErr: "positive integer"},
 		{name: "replicas two values", input: "circle {\n replicas 2 3\n}", wantErr: "wrong argument count"},
+		{name: "max_clock_skew days", input: "circle {\n max_clock_skew 1d\n}", want: App{MaxClockSkew: caddy.Duration(24 * time.Hour)}},
+		{name: "max_clock_skew not a duration", input: "circle {\n max_clock_skew soon\n}", wantErr: "positive duration"},
+		{name: "max_clock_skew zero", input: "circle {\n max_clock_skew 0s\n}", wantErr: "positive duration"},
+		{name: "max_clock_skew negative", input: "circle {\n max_clock_skew -1m\n}", wantErr: "positive duration"},
+		{name: "max_clock_skew missing", input: "circle {\n max_clock_skew\n}", wantErr: "wrong argument count"},
+		{name: "max_clock_skew two values", input: "circle {\n max_clock_skew 1m 2m\n}", wantErr: "wrong argument count"},
 		{name: "literal secret refused", input: "circle {\n secret c2VjcmV0LXZhbHVlLWRvLW5vdC1wcmludA==\n}", wantErr: "placeholder"},
 		{name: "other placeholder refused", input: "circle {\n secret {http.request.header.X}\n}", wantErr: "placeholder"},
 		{name: "secret and secret_file", input: "circle {\n secret {env.S}\n secret_file /s\n}", wantErr: "not both"},

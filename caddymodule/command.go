@@ -274,13 +274,23 @@ func printStatus(w io.Writer, st statusJSON) {
 	fmt.Fprintf(w, "replication: %s (replicas %d, %d peers alive), %d accounts\n\n",
 		health, st.Replication.Replicas, st.Replication.AlivePeers, st.Accounts)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "MEMBER\tADDRESS\tSTATE\tPATH")
+	fmt.Fprintln(tw, "MEMBER\tADDRESS\tSTATE\tPATH\tCLOCK")
 	for _, m := range st.Members {
 		path := m.Path
 		if path == "" {
 			path = "-"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", m.Name, m.Addr, m.State, path)
+		clock := "-"
+		if m.ClockOffset != "" {
+			clock = m.ClockOffset
+			if !strings.HasPrefix(clock, "-") {
+				clock = "+" + clock
+			}
+			if m.ClockSkewed {
+				clock += " (beyond max " + st.MaxClockSkew + ": records kept aside)"
+			}
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", m.Name, m.Addr, m.State, path, clock)
 	}
 	tw.Flush()
 	printMesh(w, st.Mesh)

@@ -41,12 +41,14 @@ func TestPrintStatus(t *testing.T) {
 		Name: "alpha", Domain: "circle.test", Role: "member",
 		Members: []memberJSON{
 			{Name: "alpha", Addr: "127.0.0.1:1", State: "alive", Path: "self"},
-			{Name: "beta", Addr: "127.0.0.1:2", State: "dead"},
+			{Name: "beta", Addr: "127.0.0.1:2", State: "dead", ClockOffset: "3ms"},
+			{Name: "gamma", Addr: "127.0.0.1:3", State: "alive", Path: "direct", ClockOffset: "10m0.002s", ClockSkewed: true},
 		},
-		Replication: replicationJSON{Replicas: 2, AlivePeers: 0},
+		MaxClockSkew: "1m0s",
+		Replication:  replicationJSON{Replicas: 2, AlivePeers: 0},
 	})
 	out := b.String()
-	for _, want := range []string{"node alpha of circle circle.test", "role: member", "degraded", "MEMBER", "beta", "dead"} {
+	for _, want := range []string{"node alpha of circle circle.test", "role: member", "degraded", "MEMBER", "beta", "dead", "+3ms", "+10m0.002s (beyond max 1m0s"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("status output lacks %q:\n%s", want, out)
 		}

@@ -103,9 +103,35 @@ func TestCaddyMeshProxyAndStatus(t *testing.T) {
 			t.Fatalf("member %s path %q, want %q", m.Name, m.Path, want)
 		}
 	}
+	// Each member's clock offset is measured from probe acks (about one a
+	// second per peer); on one machine it is small, within the maximum.
+	if typed.MaxClockSkew != "1m0s" {
+		t.Fatalf("max_clock_skew %q", typed.MaxClockSkew)
+	}
+	deadline := time.Now().Add(15 * time.Second)
+	for betaClock := ""; betaClock == ""; {
+		for _, m := range typed.Members {
+			if m.Name == "beta" && m.ClockOffset != "" {
+				d, err := time.ParseDuration(m.ClockOffset)
+				if err != nil || d > time.Second || d < -time.Second || m.ClockSkewed {
+					t.Fatalf("beta's clock offset %q skewed %v (%v)", m.ClockOffset, m.ClockSkewed, err)
+				}
+				betaClock = m.ClockOffset
+			}
+		}
+		if betaClock == "" {
+			if time.Now().After(deadline) {
+				t.Fatalf("no clock offset measured for beta: %+v", typed.Members)
+			}
+			time.Sleep(100 * time.Millisecond) // polling interval
+			_, body = get("http://" + admin + "/circle/status")
+			typed = statusJSON{}
+			json.Unmarshal([]byte(body), &typed)
+		}
+	}
 	var out bytes.Buffer
 	printStatus(&out, typed)
-	for _, want := range []string{"PEER", "beta", "direct", " ms", "wiki", "mesh: advertising " + gossip} {
+	for _, want := range []string{"PEER", "beta", "direct", " ms", "wiki", "mesh: advertising " + gossip, "CLOCK"} {
 		if !strings.Contains(out.String(), want) {
 			t.Fatalf("printed status lacks %q:\n%s", want, out.String())
 		}

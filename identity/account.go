@@ -57,6 +57,11 @@ type accountRecord struct {
 	// them and stored for readers that do not know stamps. Absent in
 	// records written before stamps existed.
 	Stamps *accountStamps `json:"stamps,omitempty"`
+	// SessionGen is the account's session generation: RevokeAll
+	// increments it, and tokens and session records carry the generation
+	// current when they were issued; lower ones are revoked. It only grows
+	// (merge: the maximum). See RevokeAll.
+	SessionGen uint64 `json:"session_gen,omitempty"`
 }
 
 func (r accountRecord) account() Account {

@@ -23,7 +23,8 @@ import (
 // and drops cached tokens of the account, so Verify sees the change.
 func (s *Service) applyAccount(id string, rec *accountRecord) {
 	s.stateMu.Lock()
-	if old, ok := s.accounts[id]; ok {
+	old, hadOld := s.accounts[id]
+	if hadOld {
 		if ids := s.byName[old.username]; ids != nil {
 			delete(ids, id)
 			if len(ids) == 0 {
@@ -37,6 +38,9 @@ func (s *Service) applyAccount(id string, rec *accountRecord) {
 		s.accounts[id] = acctView{
 			username: rec.Username, name: rec.Name, email: rec.Email,
 			groups: slices.Clip(slices.Clone(rec.Groups)), disabled: rec.Disabled,
+			// A generation never goes back, also when a concurrent whole-record
+			// write that had not seen the increment wins.
+			sessionGen: max(rec.SessionGen, old.sessionGen),
 		}
 		if s.byName[rec.Username] == nil {
 			s.byName[rec.Username] = make(map[string]bool)

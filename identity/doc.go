@@ -22,11 +22,13 @@
 //   - Invites: CreateInvite, CheckInvite, Register (single use, groups from
 //     the invite, only the token's SHA-256 stored).
 //   - Sessions: IssueSession returns a compact JWS (EdDSA/Ed25519, go-jose)
-//     with iss, sub, sid, iat, exp, username, name, email, groups and a kid
-//     header; Verify checks it locally (never a network hop) with a bounded
-//     cache purged on revocation, and refuses while the Service is not
-//     running (its revocation view could be stale); RevokeSession,
-//     RevokeAll ("log out everywhere"), Sessions, Session.
+//     with iss, sub, sid, iat, exp, username, name, email, groups, gen (the
+//     account's session generation) and a kid header; Verify checks it
+//     locally (never a network hop) with a bounded cache purged on
+//     revocation, and refuses while the Service is not running (its
+//     revocation view could be stale); RevokeSession, RevokeAll ("log out
+//     everywhere": increments the generation and revokes the listed
+//     sessions; no wall clocks compared), Sessions, Session.
 //   - Signing keys: rotated every KeyRotation by the maintenance loop (or
 //     RotateKey), private halves sealed with AES-GCM under a key derived
 //     from the circle secret; old public keys verify until their tokens have

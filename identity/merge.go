@@ -248,6 +248,7 @@ func mergeAccounts(a, b []byte) ([]byte, error) {
 	so.Lifted = sortStamps(slices.Concat(sx.Lifted, sy.Lifted))
 	out.Created = earliest(x.Created, y.Created)
 	out.Updated = latest(x.Updated, y.Updated)
+	out.SessionGen = max(x.SessionGen, y.SessionGen) // only grows: RevokeAll increments it
 	return encodeAccount(out)
 }
 

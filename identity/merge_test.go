@@ -480,7 +480,7 @@ func TestMergeCoversEveryField(t *testing.T) {
 		typ  reflect.Type
 		want []string
 	}{
-		{reflect.TypeFor[accountRecord](), []string{"V", "ID", "Username", "Name", "Email", "Groups", "Disabled", "MustRename", "PasswordHash", "Created", "Updated", "Stamps"}},
+		{reflect.TypeFor[accountRecord](), []string{"V", "ID", "Username", "Name", "Email", "Groups", "Disabled", "MustRename", "PasswordHash", "Created", "Updated", "Stamps", "SessionGen"}},
 		{reflect.TypeFor[accountStamps](), []string{"Username", "Profile", "Password", "Groups", "Disables", "Lifted"}},
 		{reflect.TypeFor[inviteRecord](), []string{"V", "Groups", "Expires", "CreatedBy", "Created", "Used", "UsedBy", "UsedAt", "Uses"}},
 		{reflect.TypeFor[inviteUse](), []string{"stamp", "Account", "At", "Released"}},
@@ -491,6 +491,32 @@ func TestMergeCoversEveryField(t *testing.T) {
 		}
 		if !slices.Equal(got, tc.want) {
 			t.Errorf("%s has fields %v; the merge handles %v", tc.typ, got, tc.want)
+		}
+	}
+}
+
+// TestMergeSessionGenByMax: a revoke-all on either side of a split is kept
+// (the session generation only grows), whatever the order of the merge.
+func TestMergeSessionGenByMax(t *testing.T) {
+	a, err := encodeAccount(accountRecord{ID: "acct1", Username: "carol", SessionGen: 3})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := encodeAccount(accountRecord{ID: "acct1", Username: "carol", SessionGen: 5})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, pair := range [][2][]byte{{a, b}, {b, a}} {
+		m, err := mergeAccounts(pair[0], pair[1])
+		if err != nil {
+			t.Fatal(err)
+		}
+		var r accountRecord
+		if err := decodeJSON("account", m, &r); err != nil {
+			t.Fatal(err)
+		}
+		if r.SessionGen != 5 {
+			t.Fatalf("merged session generation %d, want 5", r.SessionGen)
 		}
 	}
 }

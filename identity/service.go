@@ -43,7 +43,7 @@ type Service struct {
 
 	stateMu       sync.RWMutex               // guards the following (in-memory views of replicated state)
 	revokedSIDs   map[string]time.Time       // session id -> token expiry
-	revokedBefore map[string]time.Time       // account id -> tokens issued up to this second are revoked
+	revokedBefore map[string]time.Time       // account id -> tokens issued up to this second are revoked (legacy records only)
 	accounts      map[string]acctView        // account id -> what Verify needs
 	byName        map[string]map[string]bool // username -> ids of accounts whose record carries it
 
@@ -72,6 +72,7 @@ type acctView struct {
 	username, name, email string
 	groups                []string
 	disabled              bool
+	sessionGen            uint64 // tokens and sessions of a lower generation are revoked
 }
 
 // New returns a Service on store. cfg's zero fields take their defaults;

@@ -66,6 +66,7 @@ type tokenPayload struct {
 	Name     string   `json:"name,omitempty"`
 	Email    string   `json:"email,omitempty"`
 	Groups   []string `json:"groups,omitempty"`
+	Gen      uint64   `json:"gen,omitempty"` // the account's session generation at issue
 }
 
 // sessionRecordVersion is the format version of sessions bucket values.
@@ -80,13 +81,20 @@ type sessionRecord struct {
 	IP        string    `json:"ip,omitempty"`
 	Created   time.Time `json:"created"`
 	Expires   time.Time `json:"expires"`
-	IssuedAt  int64     `json:"iat"` // the token's iat, for the "revoked before" rule
+	IssuedAt  int64     `json:"iat"`           // the token's iat, for the legacy "revoked before" rule
+	Gen       uint64    `json:"gen,omitempty"` // the account's session generation at issue
 }
 
 // revocationRecord is the value of revocations/sid:<sid> ({"v":1,"exp"}:
 // when the revoked token would have expired anyway, after which the record
 // can go) and revocations/acct:<id> ({"v":1,"before"}: tokens of the
 // account issued at or before this second are revoked), as JSON.
+//
+// acct: records are legacy: older builds wrote them for RevokeAll, which
+// compared the revoking node's wall clock with the issuing node's. They are
+// still honoured (tokens they revoked stay revoked) but no longer written;
+// RevokeAll now increments the account's SessionGen and revokes the
+// sessions it lists by id.
 type revocationRecord struct {
 	V      int       `json:"v"` // format version, 1
 	Exp    time.Time `json:"exp,omitzero"`
@@ -118,6 +126,12 @@ func (s *Service) IssueSession(ctx context.Context, a Account, userAgent, ip str
 	if ok && iat.Unix() <= before.Unix() {
 		iat = time.Unix(before.Unix()+1, 0)
 	}
+	gen := rec.SessionGen
+	s.stateMu.RLock()
+	if v, ok := s.accounts[rec.ID]; ok {
+		gen = max(gen, v.sessionGen)
+	}
+	s.stateMu.RUnlock()
 	exp := now.Add(s.cfg.SessionTTL).Truncate(time.Second)
 	if exp.After(key.notAfter) { // never outlive the key (only if rotation lagged)
 		exp = key.notAfter.Truncate(time.Second)
@@ -132,7 +146,7 @@ func (s *Service) IssueSession(ctx context.Context, a Account, userAgent, ip str
 	}
 	b, err := json.Marshal(sessionRecord{
 		V: sessionRecordVersion, ID: sess.ID, AccountID: sess.AccountID, UserAgent: sess.UserAgent,
-		IP: sess.IP, Created: sess.Created, Expires: sess.Expires, IssuedAt: iat.Unix(),
+		IP: sess.IP, Created: sess.Created, Expires: sess.Expires, IssuedAt: iat.Unix(), Gen: gen,
 	})
 	if err != nil {
 		return "", Session{}, fmt.Errorf("identity: encoding session: %w", err)
@@ -142,7 +156,7 @@ func (s *Service) IssueSession(ctx context.Context, a Account, userAgent, ip str
 	}
 	payload, err := json.Marshal(tokenPayload{
 		Iss: s.issuer, Sub: rec.ID, Sid: sess.ID, Iat: iat.Unix(), Exp: exp.Unix(),
-		Username: rec.Username, Name: rec.Name, Email: rec.Email, Groups: rec.Groups,
+		Username: rec.Username, Name: rec.Name, Email: rec.Email, Groups: rec.Groups, Gen: gen,
 	})
 	if err != nil {
 		return "", Session{}, fmt.Errorf("identity: encoding token: %w", err)
@@ -245,7 +259,7 @@ func (s *Service) verifyUncached(token string, now time.Time) (Claims, error) {
 		return Claims{}, ErrRevoked
 	}
 	if v, ok := s.accounts[p.Sub]; ok {
-		if v.disabled {
+		if v.disabled || p.Gen < v.sessionGen {
 			return Claims{}, ErrRevoked
 		}
 		c.Username, c.Name, c.Email, c.Groups = v.username, v.name, v.email, v.groups
@@ -264,6 +278,12 @@ func (s *Service) RevokeSession(ctx context.Context, sid string) error {
 	if sess, err := s.Session(sid); err == nil {
 		exp = sess.Expires
 	}
+	return s.revokeSession(ctx, sid, exp)
+}
+
+// revokeSession stores the revocation of session sid, whose token expires
+// at exp, and deletes its record.
+func (s *Service) revokeSession(ctx context.Context, sid string, exp time.Time) error {
 	b, _ := json.Marshal(revocationRecord{V: 1, Exp: exp.UTC()})
 	s.applyRevocation("sid:"+sid, revocationRecord{Exp: exp})
 	if err := s.store.Put(ctx, bucketRevocations, "sid:"+sid, b); err != nil {
@@ -275,36 +295,47 @@ func (s *Service) RevokeSession(ctx context.Context, sid string) error {
 	return nil
 }
 
-// RevokeAll logs account accountID out everywhere: every token issued up
-// to now (to the second) is revoked, and the session records are deleted.
+// RevokeAll logs account accountID out everywhere. No wall clock decides
+// it (the revoking node's and the issuing node's may disagree):
+//   - the account's SessionGen is incremented (acknowledged write of the
+//     account record): every token and session issued before, on any node,
+//     carries a lower generation and is refused wherever the new generation
+//     has arrived;
+//   - every session of the account this node knows of is revoked by id
+//     (revocations/sid:<sid>, as RevokeSession), which also covers nodes
+//     that have not seen the new generation yet.
+//
+// Sessions issued afterwards carry the new generation and stay valid.
 func (s *Service) RevokeAll(ctx context.Context, accountID string) error {
 	if !validAccountID(accountID) {
 		return fmt.Errorf("identity: account %q: %w", accountID, ErrNotFound)
 	}
-	before := s.cfg.Now().UTC()
-	s.stateMu.RLock()
-	if old, ok := s.revokedBefore[accountID]; ok && old.After(before) {
-		before = old
-	}
-	s.stateMu.RUnlock()
-	rec := revocationRecord{V: 1, Before: before}
-	b, _ := json.Marshal(rec)
-	s.applyRevocation("acct:"+accountID, rec)
-	if err := s.store.Put(ctx, bucketRevocations, "acct:"+accountID, b); err != nil {
-		return fmt.Errorf("identity: storing revocation: %w", err)
+	var errs []error
+	if _, err := s.updateAccount(ctx, accountID, func(r *accountRecord, _ stamp) error {
+		s.stateMu.RLock()
+		if v, ok := s.accounts[accountID]; ok && v.sessionGen > r.SessionGen {
+			r.SessionGen = v.sessionGen
+		}
+		s.stateMu.RUnlock()
+		r.SessionGen++
+		return nil
+	}); err != nil {
+		if errors.Is(err, ErrNotFound) {
+			return err
+		}
+		errs = append(errs, err) // still revoke the sessions by id
 	}
 	sessions, err := s.listSessions(accountID)
 	if err != nil {
-		return err
+		return errors.Join(append(errs, err)...)
 	}
-	var errs []error
 	for _, sess := range sessions {
-		if err := s.store.Delete(ctx, bucketSessions, sess.ID); err != nil {
+		if err := s.revokeSession(ctx, sess.ID, sess.Expires); err != nil {
 			errs = append(errs, err)
 		}
 	}
 	if err := errors.Join(errs...); err != nil {
-		return fmt.Errorf("identity: deleting sessions: %w", err)
+		return fmt.Errorf("identity: revoking all sessions of %s: %w", accountID, err)
 	}
 	return nil
 }
@@ -430,6 +461,7 @@ func (s *Service) Sessions(accountID string) ([]Session, error) {
 	var out []Session
 	s.stateMu.RLock()
 	before, hasBefore := s.revokedBefore[accountID]
+	gen := s.accounts[accountID].sessionGen
 	for _, rec := range all {
 		if !now.Before(rec.Expires) {
 			continue
@@ -437,7 +469,7 @@ func (s *Service) Sessions(accountID string) ([]Session, error) {
 		if _, revoked := s.revokedSIDs[rec.ID]; revoked {
 			continue
 		}
-		if hasBefore && rec.IssuedAt <= before.Unix() { // the rule Verify applies
+		if rec.Gen < gen || hasBefore && rec.IssuedAt <= before.Unix() { // the rules Verify applies
 			continue
 		}
 		out = append(out, rec.session())

@@ -17,6 +17,7 @@ const (
 	DefaultReplicas            = 2
 	DefaultAckTimeout          = 5 * time.Second
 	DefaultAntiEntropyInterval = 5 * time.Second
+	DefaultMaxClockSkew        = time.Minute
 )
 
 // Config configures a Node. Zero values of optional fields mean the default
@@ -80,6 +81,15 @@ type Config struct {
 	// it to skew one node's clock; memberlist's own timers are not affected.
 	Now func() time.Time
 
+	// MaxClockSkew is how far ahead of this node's wall clock (Now) a
+	// remote version may be. A record from further ahead is refused: it is
+	// not applied, its timestamp does not advance this node's clock, and it
+	// is kept aside in memory (bounded) and applied once the local clock has
+	// caught up; if it cannot be kept, anti-entropy offers it again later.
+	// Peers whose measured clock offset exceeds it are logged and flagged
+	// in Members. Default 1 minute.
+	MaxClockSkew time.Duration
+
 	// Transport optionally replaces the network transport (for example a
 	// mesh transport that routes by node name). Default: memberlist's
 	// NetTransport bound to BindAddr. Replication streams are carried over
@@ -99,6 +109,7 @@ func DefaultConfig() Config {
 		Replicas:            DefaultReplicas,
 		AckTimeout:          DefaultAckTimeout,
 		AntiEntropyInterval: DefaultAntiEntropyInterval,
+		MaxClockSkew:        DefaultMaxClockSkew,
 	}
 }
 
@@ -152,6 +163,12 @@ func (cfg Config) withDefaults() (Config, error) {
 	}
 	if cfg.AntiEntropyInterval <= 0 {
 		cfg.AntiEntropyInterval = DefaultAntiEntropyInterval
+	}
+	if cfg.MaxClockSkew < 0 {
+		return cfg, fmt.Errorf("%w: config: negative max clock skew %v", ErrInvalid, cfg.MaxClockSkew)
+	}
+	if cfg.MaxClockSkew == 0 {
+		cfg.MaxClockSkew = DefaultMaxClockSkew
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)

@@ -8,6 +8,10 @@
 // live records instead (a tombstone still beats an older live record).
 // Buckets named in Config.Merge join two live records with a MergeFunc
 // (merge.go): records several nodes edit keep every node's edits.
+// A version more than Config.MaxClockSkew ahead of this node's wall clock
+// is refused and kept aside until the clock catches up (skew.go), so a
+// node with a fast clock neither wins conflicts early nor drags the
+// others' clocks forward; Members reports each peer's measured offset.
 //
 // Nodes find each other with hashicorp/memberlist (SWIM gossip), keyed with
 // a key derived from the circle secret, so a node with another secret can

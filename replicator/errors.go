@@ -16,6 +16,13 @@ var (
 	// ErrClosed: the Node is closed.
 	ErrClosed = errors.New("replicator: node closed")
 
+	// ErrClockSkew: clocks disagree by more than Config.MaxClockSkew. Put
+	// and Delete return it (with ErrAckTimeout) when peers refused the
+	// record because this node's clock is ahead of theirs, and when the
+	// key's stored version is further ahead of this node's clock than
+	// that (the write would lose to it).
+	ErrClockSkew = errors.New("replicator: clock skew beyond the maximum")
+
 	// ErrInvalid: a bad argument (bucket, key, value or configuration).
 	ErrInvalid = errors.New("replicator: invalid argument")
 )

@@ -47,6 +47,7 @@ func (n *Node) Members() []Member {
 		out = append(out, m)
 	}
 	n.membersMu.Unlock()
+	n.fillClockOffsets(out)
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out
 }
@@ -184,10 +185,11 @@ func (e events) NotifyUpdate(m *memberlist.Node) {
 }
 
 // pings implements memberlist.PingDelegate (called from memberlist's probe
-// goroutine; must not block).
+// goroutine; must not block). The ack payload carries the acker's wall
+// clock, from which the prober measures its offset (skew.go).
 type pings struct{ n *Node }
 
-func (p pings) AckPayload() []byte { return nil }
+func (p pings) AckPayload() []byte { return p.n.clockPayload() }
 
 func (p pings) NotifyPingComplete(other *memberlist.Node, rtt time.Duration, payload []byte) {
 	p.n.membersMu.Lock()
@@ -195,4 +197,5 @@ func (p pings) NotifyPingComplete(other *memberlist.Node, rtt time.Duration, pay
 		mi.lastAck = time.Now()
 	}
 	p.n.membersMu.Unlock()
+	p.n.noteClock(other.Name, rtt, payload)
 }

@@ -51,9 +51,10 @@ type Node struct {
 	lifeMu sync.RWMutex // guards closed
 	closed bool
 
-	mu    sync.Mutex // guards ix and clock; serialises writes to db
+	mu    sync.Mutex // guards ix, clock and skew.aside; serialises writes to db
 	ix    index
 	clock hlc
+	skew  skewState // records refused for clock skew, peers' clock offsets (skew.go)
 
 	poolMu sync.Mutex               // guards pool and dialed
 	pool   map[string][]*secureConn // idle outbound streams by peer name
@@ -83,6 +84,13 @@ type Member struct {
 	Name  string
 	Addr  string // host:port of its gossip endpoint
 	State string // "alive", "suspect", "dead" or "left"
+
+	// ClockOffset is the peer's wall clock minus this node's, measured
+	// from probe acks when ClockMeasured (never for this node itself).
+	// Beyond Config.MaxClockSkew either way, one side's records are kept
+	// aside by the other until its clock catches up.
+	ClockOffset   time.Duration
+	ClockMeasured bool
 }
 
 // Stats are counters and state for monitoring.
@@ -102,6 +110,8 @@ type Stats struct {
 	RecordsReceived     uint64    `json:"records_received"` // records received (gossip and streams)
 	BroadcastQueue      int       `json:"broadcast_queue"`  // gossip messages waiting for transmission
 	GossipDropped       uint64    `json:"gossip_dropped"`   // gossiped records dropped because the apply queue was full
+	SkewRefused         uint64    `json:"skew_refused"`     // remote records refused as too far ahead of our clock (each offer counts)
+	KeptAside           int       `json:"kept_aside"`       // refused records held until our clock catches up
 }
 
 // Open opens the store in cfg.DataDir, starts memberlist on cfg.BindAddr and
@@ -156,11 +166,12 @@ func Open(cfg Config) (*Node, error) {
 		ctx:       ctx,
 		cancel:    cancel,
 		ix:        ix,
-		clock:     hlc{last: clock, now: cfg.Now},
+		clock:     newClock(clock, cfg),
 		pool:      make(map[string][]*secureConn),
 		dialed:    make(map[*secureConn]struct{}),
 		members:   make(map[string]*memberInfo),
 	}
+	n.clock.now = n.circleNow // own wall clock, or the circle's median if later (skew.go)
 	for _, b := range cfg.FirstWriterWins {
 		n.fww[b] = true
 	}
@@ -218,8 +229,9 @@ func Open(cfg Config) (*Node, error) {
 	n.ml.Store(ml)
 	ok = true
 
-	n.wg.Add(4)
+	n.wg.Add(5)
 	go func() { defer n.wg.Done(); n.watch.run(ctx) }()
+	go n.asideLoop()
 	go n.applier()
 	go n.antiEntropyLoop()
 	go n.joinLoop()
@@ -432,6 +444,16 @@ func (n *Node) writeLocal(bucket, key string, value []byte, deleted bool) (Recor
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	rec.Version = Version{Time: n.clock.next(), Node: n.cfg.Name}
+	if cur, ok := n.ix.get(bucket, key); ok && !n.fww[bucket] && !beats(false, rec.meta(), cur) {
+		// The stored version is ahead of our clock (stepped back since, or
+		// stored by an older build): follow it if it is within the
+		// maximum skew, else the write would be lost to it.
+		if !n.clock.observe(cur.v.Time) {
+			return rec, false, fmt.Errorf("%w: the stored version %v is ahead of this node's clock by more than %v",
+				ErrClockSkew, cur.v, n.cfg.MaxClockSkew)
+		}
+		rec.Version.Time = n.clock.next()
+	}
 	w, err := n.mergeLocked([]Record{rec})
 	if err != nil || len(w) == 0 {
 		return rec, false, err
@@ -442,18 +464,27 @@ func (n *Node) writeLocal(bucket, key string, value []byte, deleted bool) (Recor
 // applyRemote merges records received from peers; rebroadcast re-gossips
 // the small ones that changed something here.
 func (n *Node) applyRemote(recs []Record, rebroadcast bool) error {
+	_, err := n.applyRemoteHeld(recs, rebroadcast)
+	return err
+}
+
+// applyRemoteHeld is applyRemote that also returns how many of recs this
+// node accepted (stored, or older than what it stores); the others were
+// refused for clock skew and kept aside (skew.go).
+func (n *Node) applyRemoteHeld(recs []Record, rebroadcast bool) (int, error) {
 	n.mu.Lock()
+	recs = n.screenLocked(recs)
 	winners, err := n.mergeLocked(recs)
 	n.mu.Unlock()
 	if err != nil {
-		return err
+		return 0, err
 	}
 	if rebroadcast {
 		for _, w := range winners {
 			n.broadcast(w)
 		}
 	}
-	return nil
+	return len(recs), nil
 }
 
 // mergeLocked merges recs into the store in one fsynced transaction and
@@ -467,10 +498,7 @@ func (n *Node) mergeLocked(recs []Record) ([]Record, error) {
 	}
 	for i := range recs {
 		r := &recs[i]
-		if d := int64(r.Version.Time>>16) - n.cfg.Now().UnixMilli(); d > time.Minute.Milliseconds() && r.Version.Node != n.cfg.Name {
-			n.log.Warn("record from a clock ahead of ours", "from", r.Version.Node, "ahead", time.Duration(d)*time.Millisecond)
-		}
-		n.clock.observe(r.Version.Time)
+		n.clock.observe(r.Version.Time) // refuses what is too far ahead (screenLocked kept it out of remote batches)
 		k := [2]string{r.Bucket, r.Key}
 		cur, ok := pending[k]
 		if !ok {
@@ -507,6 +535,7 @@ func (n *Node) Stats() Stats {
 	n.mu.Lock()
 	live, dead := n.ix.counts()
 	buckets := len(n.ix)
+	aside := len(n.skew.aside)
 	n.mu.Unlock()
 	n.statsMu.Lock()
 	last, peer := n.lastAE, n.lastAEPeer
@@ -527,6 +556,8 @@ func (n *Node) Stats() Stats {
 		RecordsReceived:     n.received.Load(),
 		BroadcastQueue:      n.bcast.NumQueued(),
 		GossipDropped:       n.gossipDropped.Load(),
+		SkewRefused:         n.skew.refused.Load(),
+		KeptAside:           aside,
 	}
 }
 

@@ -3,6 +3,7 @@ package replicator
 import (
 	"cmp"
 	"fmt"
+	"math"
 	"time"
 )
 
@@ -113,26 +114,51 @@ func checkRecord(r *Record) error {
 
 // hlc is a hybrid logical clock. Not safe for concurrent use (Node.mu
 // guards it).
+//
+// It never runs more than maxAhead ahead of its wall clock because of
+// remote timestamps (observe refuses those; see skew.go), and it never
+// wraps: the millisecond part is capped at 2^48-1 and a clock at the
+// largest timestamp stays there.
 type hlc struct {
-	last uint64
-	now  func() time.Time
+	last     uint64
+	now      func() time.Time
+	maxAhead time.Duration // 0: observe takes any timestamp (unit tests)
 }
 
-// next returns a timestamp higher than every one returned or observed.
+// maxMillis is the largest millisecond count a timestamp can carry.
+const maxMillis = 1<<48 - 1
+
+// physical returns t as a timestamp with a zero counter (milliseconds
+// clamped to [0, maxMillis]).
+func physical(t time.Time) uint64 {
+	return uint64(min(max(t.UnixMilli(), 0), maxMillis)) << 16
+}
+
+// next returns a timestamp higher than every one returned or observed,
+// except at the largest timestamp, which it returns again.
 func (c *hlc) next() uint64 {
-	pt := uint64(max(c.now().UnixMilli(), 0)) << 16
+	pt := physical(c.now())
 	if pt > c.last {
 		c.last = pt
-	} else {
+	} else if c.last < math.MaxUint64 {
 		c.last++
 	}
 	return c.last
 }
 
+// ceiling is the highest timestamp observe accepts now: the end of the
+// millisecond maxAhead from the wall clock.
+func (c *hlc) ceiling() uint64 {
+	if c.maxAhead <= 0 {
+		return math.MaxUint64
+	}
+	return physical(c.now().Add(c.maxAhead)) | 0xffff
+}
+
 // observe advances the clock past a remote timestamp; it reports whether
-// the clock moved.
+// the clock moved. A timestamp above the ceiling does not move it.
 func (c *hlc) observe(t uint64) bool {
-	if t > c.last {
+	if t > c.last && t <= c.ceiling() {
 		c.last = t
 		return true
 	}

@@ -129,16 +129,23 @@ func (n *Node) awaitAcks(ctx context.Context, rec Record, peers []*peerRef, repl
 
 	timer := time.NewTimer(n.cfg.AckTimeout)
 	defer timer.Stop()
-	held, gone := 1, 0
+	held, gone, refused, waiting := 1, 0, 0, len(peers)
 	for held < need {
 		select {
 		case err := <-results:
+			waiting--
 			switch {
 			case err == nil:
 				held++
 			case errors.Is(err, errPeerGone):
 				gone++
 				need = min(replicas, len(peers)+1-gone)
+			case errors.Is(err, errSkewRefused):
+				refused++
+			}
+			if refused > 0 && held < need && held+waiting < need {
+				return fmt.Errorf("%w: %s/%s held by %d of %d nodes; %d refused it because this node's clock is ahead of theirs (kept here, still replicating): %w",
+					ErrAckTimeout, rec.Bucket, rec.Key, held, need, refused, ErrClockSkew)
 			}
 		case <-timer.C:
 			n.ackTimeouts.Add(1)
@@ -176,9 +183,13 @@ func (n *Node) pushAsync(rec Record, peers []*peerRef) {
 func (n *Node) replicateTo(ctx context.Context, peer *peerRef, msg []byte, count int) error {
 	backoff := retryMin
 	for {
-		_, err := n.roundTrip(ctx, peer, msg, msgAck)
+		body, err := n.roundTrip(ctx, peer, msg, msgAck)
 		if err == nil {
 			n.sent.Add(uint64(count))
+			d := &dec{b: body}
+			if held := d.uvar(); d.end() == nil && held < uint64(count) {
+				return errSkewRefused // retrying does not help until the peer's clock catches up
+			}
 			return nil
 		}
 		if ctx.Err() != nil {
@@ -353,12 +364,13 @@ func (n *Node) serveStream(c net.Conn) {
 				return
 			}
 			n.received.Add(uint64(len(recs)))
-			if err := n.applyRemote(recs, false); err != nil {
+			held, err := n.applyRemoteHeld(recs, false)
+			if err != nil {
 				n.log.Error("storing replicated records", "error", err)
 				return
 			}
 			e := newMsg(msgAck, 4)
-			e.uvar(uint64(len(recs)))
+			e.uvar(uint64(held)) // fewer than sent: refused for clock skew
 			if err := sc.send(e.b); err != nil {
 				return
 			}

@@ -29,7 +29,8 @@ import (
 //	                anti-entropy record chunks
 //	msgReplicate 3  uvarint n | n × record
 //	                the listener stores them durably, then answers msgAck
-//	msgAck       4  uvarint n (records held)
+//	msgAck       4  uvarint n (records held; fewer than sent: the others
+//	                were refused for clock skew, see skew.go)
 //	msgDigest    5  str sender name | uvarint nb |
 //	                nb × (str bucket | u64 root hash | uvarint entries)
 //	msgRanges    6  uvarint nb | nb × (str bucket | 256 × u64 range hash)

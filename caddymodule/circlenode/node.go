@@ -74,7 +74,7 @@ func (c Config) Fingerprint() [32]byte {
 	for _, j := range r.Join {
 		w(j)
 	}
-	w(fmt.Sprint(r.Replicas, r.AckTimeout, r.AntiEntropyInterval, r.FirstWriterWins))
+	w(fmt.Sprint(r.Replicas, r.AckTimeout, r.AntiEntropyInterval, r.FirstWriterWins, r.MaxClockSkew))
 	w(c.Identity.Domain)
 	w(c.Listen)
 	w(c.Advertise)
@@ -221,7 +221,11 @@ func Open(cfg Config) (*Node, error) {
 
 	waitInitialSync(ctx, repl, len(cfg.Replicator.Join) > 0, start, cfg.SyncTimeout, cfg.Logger)
 
-	ident, err := identity.New(IdentityStore(repl), cfg.Identity)
+	icfg := cfg.Identity
+	if icfg.Now == nil {
+		icfg.Now = repl.Now // a node whose clock alone is slow follows the circle's (replicator/skew.go)
+	}
+	ident, err := identity.New(IdentityStore(repl), icfg)
 	if err != nil {
 		sn.Close()
 		return nil, fmt.Errorf("creating identity service: %w", err)
