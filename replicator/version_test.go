@@ -3,6 +3,7 @@ package replicator
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -29,7 +30,7 @@ func rawStream(t *testing.T, n *Node) *secureConn {
 	}
 	t.Cleanup(func() { c.Close() })
 	sc := &secureConn{c: c}
-	if err := sc.handshake(n.streamKey, true); err != nil {
+	if err := sc.handshake(n.streamKey, legacyWire, "", true); err != nil {
 		t.Fatalf("handshake: %v", err)
 	}
 	return sc
@@ -180,5 +181,155 @@ func TestDataFormatStamped(t *testing.T) {
 	})
 	if len(got) != 4 || binary.BigEndian.Uint32(got) == 0 {
 		t.Fatalf("meta format = %v; want a u32 format version", got)
+	}
+}
+
+// mixedCircle starts nodes speaking the given profiles (nil: this
+// release, also in a circle_nextwire build) with replicas = all, so every
+// write waits for every node's ack.
+func mixedCircle(t *testing.T, profiles []*wireProfile, logs []*warnCounter) []*Node {
+	t.Helper()
+	i := 0
+	return cluster(t, len(profiles), func(c *Config) {
+		c.wire = profiles[i]
+		if c.wire == nil {
+			c.wire = &currentWire
+		}
+		c.Replicas = len(profiles)
+		if logs != nil && logs[i] != nil {
+			c.Logger = slog.New(logs[i])
+		}
+		i++
+	})
+}
+
+// checkMixedCircle checks that every node's acknowledged writes and
+// anti-entropy reach every other node.
+func checkMixedCircle(t *testing.T, nodes []*Node) {
+	t.Helper()
+	for i, w := range nodes {
+		key := "put-" + w.Name()
+		if err := w.Put(ctxT(t), "b", key, []byte("v")); err != nil {
+			t.Fatalf("Put on %s (acknowledged by every node): %v", w.Name(), err)
+		}
+		for _, r := range nodes {
+			if !valueIs(r, "b", key, "v") {
+				t.Fatalf("%s lacks %s's acknowledged write", r.Name(), w.Name())
+			}
+		}
+		// A record only anti-entropy can spread: stored on w without gossip.
+		ae := Record{Bucket: "b", Key: "ae-" + w.Name(), Value: []byte("v"), Version: Version{Time: uint64(1<<40 + i), Node: w.Name()}}
+		if err := w.applyRemote([]Record{ae}, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, 20*time.Second, "anti-entropy between all nodes", func() bool {
+		for _, r := range nodes {
+			for _, w := range nodes {
+				if !valueIs(r, "b", "ae-"+w.Name(), "v") {
+					return false
+				}
+			}
+		}
+		return true
+	})
+}
+
+// warnsAbout returns the warnings that mention gossip or streams.
+func (w *warnCounter) wireWarnings() []string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var out []string
+	for _, m := range w.warns {
+		if strings.Contains(m, "gossip") || strings.Contains(m, "stream") || strings.Contains(m, "message") {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// The fault suite's scenario "a circle with one node on the next wire
+// version", in process: writes both ways with every node's ack,
+// anti-entropy both ways, and the next node's unknown requests and gossip
+// are answered or ignored without dropping anyone.
+func TestCircleWithNextWireNode(t *testing.T) {
+	logs := []*warnCounter{{}, {}, nil}
+	nodes := mixedCircle(t, []*wireProfile{nil, nil, &nextWire}, logs)
+	next := nodes[2]
+	checkMixedCircle(t, nodes)
+	waitFor(t, 20*time.Second, "the next node's probes answered with msgUnknown", func() bool {
+		return next.nextStats().unknown >= 3
+	})
+	if s := next.nextStats(); s.answered != 0 {
+		t.Errorf("a node of this release echoed the next release's probe: %+v", s)
+	}
+	for _, n := range nodes[:2] {
+		pw, ok := n.peerCaps(next.Name())
+		if !ok || !pw.Negotiated || pw.Max != 2 || !pw.Caps.has(capNextProbe) || pw.Version != 1 {
+			t.Errorf("%s: peerCaps(%s) = %+v, %v; want negotiated 1..2 with capNextProbe, speaking 1", n.Name(), next.Name(), pw, ok)
+		}
+		if pw, ok := next.peerCaps(n.Name()); !ok || !pw.Negotiated || pw.Max != 1 || pw.Version != 1 {
+			t.Errorf("%s: peerCaps(%s) = %+v, %v; want negotiated, max 1", next.Name(), n.Name(), pw, ok)
+		}
+	}
+	// Writes still flow after the probes (the streams went on).
+	checkMixedCircleAgain(t, nodes)
+	for i, l := range logs[:2] {
+		if w := l.wireWarnings(); len(w) != 0 {
+			t.Errorf("%s warned about the next node's messages: %q", nodes[i].Name(), w)
+		}
+	}
+}
+
+func checkMixedCircleAgain(t *testing.T, nodes []*Node) {
+	t.Helper()
+	for _, w := range nodes {
+		if err := w.Put(ctxT(t), "b", "again-"+w.Name(), []byte("v")); err != nil {
+			t.Fatalf("Put on %s after the probes: %v", w.Name(), err)
+		}
+	}
+}
+
+// Two next-wire nodes speak version 2 with each other and serve their own
+// exchange; with a node of this release they speak version 1.
+func TestNextWireNodesSpeakVersion2(t *testing.T) {
+	nodes := mixedCircle(t, []*wireProfile{&nextWire, &nextWire, nil}, nil)
+	checkMixedCircle(t, nodes)
+	waitFor(t, 20*time.Second, "probes between next-wire nodes echoed", func() bool {
+		return nodes[0].nextStats().answered >= 1 && nodes[1].nextStats().answered >= 1
+	})
+	if pw, _ := nodes[0].peerCaps(nodes[1].Name()); pw.Version != 2 {
+		t.Errorf("next-wire pair speaks version %d, want 2", pw.Version)
+	}
+	if pw, _ := nodes[0].peerCaps(nodes[2].Name()); pw.Version != 1 {
+		t.Errorf("next-wire node and this release speak version %d, want 1", pw.Version)
+	}
+}
+
+// A node with the previous release's handshake (untagged hello, no
+// msgCaps) replicates both ways with this release and the next one, which
+// see it as legacy and send it nothing it does not know.
+func TestLegacyHandshakeInterop(t *testing.T) {
+	nodes := mixedCircle(t, []*wireProfile{nil, &legacyWire, &nextWire}, nil)
+	checkMixedCircle(t, nodes)
+	for _, n := range []*Node{nodes[0], nodes[2]} {
+		if pw, ok := n.peerCaps(nodes[1].Name()); !ok || pw.Negotiated || pw.Version != 1 {
+			t.Errorf("%s: peerCaps(legacy) = %+v, %v; want not negotiated, version 1", n.Name(), pw, ok)
+		}
+	}
+}
+
+// Two nodes without a common version do not talk (and say why).
+func TestNoCommonWireVersion(t *testing.T) {
+	only2 := wireProfile{min: 2, max: 2, caps: capTolerant}
+	cfgA := testConfig(t, t.TempDir(), "a")
+	cfgA.wire = &currentWire
+	a := open(t, cfgA)
+	cfg := testConfig(t, t.TempDir(), "b")
+	cfg.wire = &only2
+	b := open(t, cfg)
+	_, err := b.dial(ctxT(t), &peerRef{Name: "a", Addr: a.Addr()})
+	if !errors.Is(err, errNoCommonVersion) {
+		t.Fatalf("dial between versions 1..1 and 2..2: %v, want errNoCommonVersion", err)
 	}
 }
