@@ -42,6 +42,19 @@ const DataFormat = 1
 // (b4e49ea's) needs no change beyond the stamp.
 var migrations = map[uint32]func(tx *bolt.Tx) error{}
 
+// DataFormatError: the data directory Dir holds a format this build does
+// not read (errors.Is(err, ErrDataFormat)).
+type DataFormatError struct {
+	Dir    string
+	Format uint32 // the format found
+}
+
+func (e *DataFormatError) Error() string {
+	return fmt.Sprintf("data in %s was written by a newer Circle (format %d); this build reads format <= %d", e.Dir, e.Format, DataFormat)
+}
+
+func (e *DataFormatError) Is(target error) bool { return target == ErrDataFormat }
+
 // checkFormat refuses a database written by a newer build and migrates an
 // older one to DataFormat, stamping it (inside tx: all or nothing).
 func checkFormat(tx *bolt.Tx, dir string) error {
@@ -49,12 +62,12 @@ func checkFormat(tx *bolt.Tx, dir string) error {
 	f := uint32(1)
 	if v := m.Get(keyFormat); v != nil {
 		if len(v) != 4 || binary.BigEndian.Uint32(v) == 0 {
-			return fmt.Errorf("%w: data in %s has a malformed format version %x", ErrDataFormat, dir, v)
+			return fmt.Errorf("data in %s has a malformed format version %x: %w", dir, v, ErrDataFormat)
 		}
 		f = binary.BigEndian.Uint32(v)
 	}
 	if f > DataFormat {
-		return fmt.Errorf("%w: data in %s was written by a newer Circle (format %d); this build reads format <= %d", ErrDataFormat, dir, f, DataFormat)
+		return &DataFormatError{Dir: dir, Format: f}
 	}
 	for ; f < DataFormat; f++ {
 		if step := migrations[f]; step != nil {

@@ -164,6 +164,9 @@ func TestDataFormatNewerRefused(t *testing.T) {
 		t.Fatal("a data dir of format 99 was opened")
 	}
 	want := "data in " + cfg.DataDir + " was written by a newer Circle (format 99); this build reads format <= "
+	if !errors.Is(err, ErrDataFormat) {
+		t.Errorf("error %v does not wrap ErrDataFormat", err)
+	}
 	if !strings.Contains(err.Error(), want) {
 		t.Fatalf("error %q does not say %q", err, want)
 	}
