@@ -130,6 +130,25 @@ func stampFormat(t *testing.T, dataDir string, format uint32) {
 	}
 }
 
+// readFormat returns the data format stamped in a stopped node's bbolt
+// file (0: none).
+func readFormat(t *testing.T, dataDir string) uint32 {
+	t.Helper()
+	db, err := bolt.Open(filepath.Join(dataDir, "circle.db"), 0o600, &bolt.Options{Timeout: 5 * time.Second, ReadOnly: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer db.Close()
+	var f uint32
+	db.View(func(tx *bolt.Tx) error {
+		if v := tx.Bucket([]byte("meta")).Get([]byte("format")); len(v) == 4 {
+			f = binary.BigEndian.Uint32(v)
+		}
+		return nil
+	})
+	return f
+}
+
 // copyDir copies a directory tree of regular files.
 func copyDir(t *testing.T, from, to string) {
 	t.Helper()
@@ -245,6 +264,9 @@ func TestUpgradeInPlace(t *testing.T) {
 		step := fmt.Sprintf("step%d", i+1)
 		n.stop()
 		if i == 0 {
+			if f := readFormat(t, filepath.Join(n.dir, "data")); f != 0 {
+				t.Fatalf("%s's data has format %d stamped", oldRelease, f)
+			}
 			// This build refuses data of a newer format, with a clear
 			// message and without touching it (on a copy).
 			probe := c.addNode(n.name+"-future", c.secretFile)
@@ -276,6 +298,9 @@ func TestUpgradeInPlace(t *testing.T) {
 	// read correctly, and it replicates with the new nodes.
 	a := nodes[0]
 	a.stop()
+	if f := readFormat(t, filepath.Join(a.dir, "data")); f != 1 {
+		t.Fatalf("data format after this build's first start: %d, want 1 stamped", f)
+	}
 	a.bin = old
 	a.start()
 	for _, m := range nodes {
@@ -307,8 +332,18 @@ func TestUpgradeInPlace(t *testing.T) {
 	}
 	check("nextwire")
 	for _, m := range nodes[:2] {
-		if l := m.log.String(); strings.Contains(l, "unexpected message on replication stream") || strings.Contains(l, "dropping gossip message") {
-			t.Errorf("%s (this build) complained about the next-wire node's messages:\n%s", m.name, tail(l, 3000))
+		if l := m.log.String(); strings.Contains(l, "dropping gossip message") {
+			t.Errorf("%s (this build) complained about the next-wire node's gossip:\n%s", m.name, tail(l, 3000))
+		}
+	}
+	// No node, old or new, rejected another's replication messages at any
+	// step.
+	for _, m := range nodes {
+		l := m.log.String()
+		for _, bad := range []string{"unexpected message on replication stream", "bad replication message", "failed authentication"} {
+			if strings.Contains(l, bad) {
+				t.Errorf("%s logged %q during the upgrade:\n%s", m.name, bad, tail(l, 3000))
+			}
 		}
 	}
 }
