@@ -117,6 +117,9 @@ type node struct {
 	done                                   chan struct{}
 	log                                    *syncBuffer
 	rootPool                               *x509.CertPool // this node's CA root, fetched once
+	// bin is the caddy binary the node runs; empty: caddyBin (the build
+	// under test). The upgrade test runs older releases with it.
+	bin string
 	// caddyfileFn, when set, makes the node's whole Caddyfile instead of
 	// the default one (tests with other global options or sites).
 	caddyfileFn func(n *node) string
@@ -286,9 +289,13 @@ func (n *node) launch() {
 	if n.log == nil {
 		n.log = &syncBuffer{}
 	}
+	bin := n.bin
+	if bin == "" {
+		bin = caddyBin
+	}
 	args := []string{"run", "--config", cfg, "--adapter", "caddyfile"}
 	if n.adaptFn != nil {
-		out, err := exec.Command(caddyBin, "adapt", "--config", cfg, "--adapter", "caddyfile").Output()
+		out, err := exec.Command(bin, "adapt", "--config", cfg, "--adapter", "caddyfile").Output()
 		if err != nil {
 			t.Fatalf("adapting the Caddyfile of %s: %v", n.name, err)
 		}
@@ -298,9 +305,9 @@ func (n *node) launch() {
 		}
 		args = []string{"run", "--config", js}
 	}
-	cmd := exec.Command(caddyBin, args...)
+	cmd := exec.Command(bin, args...)
 	if n.gate != nil {
-		cmd = exec.Command("sh", append([]string{"-c", `read -r _; exec "$0" "$@"`, caddyBin}, args...)...)
+		cmd = exec.Command("sh", append([]string{"-c", `read -r _; exec "$0" "$@"`, bin}, args...)...)
 		cmd.Stdin = n.gate
 	}
 	n.done = startCaddy(t, n.name, cmd, n.dir, n.log)

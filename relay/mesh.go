@@ -40,6 +40,15 @@ import (
 //     64 KiB), used for packets too large for a datagram.
 //   - Datagrams (RFC 9221) carry packets: version(1) | type 2 | packet.
 //
+// Versions (docs/INTERNALS.md, "Versions and upgrades"): the hello's body
+// is JSON and grows by fields (unknown fields are ignored, also by the
+// release before versioning, b4e49ea), so a hello of any header version
+// from 1 up is read; capabilities of later releases go in new JSON fields.
+// Unknown unidirectional stream types are ignored. Service stream headers
+// and packets keep version 1 while nodes of b4e49ea may be in the circle
+// (it resets other versions); an incompatible mesh protocol would be a new
+// ALPN offered before "circle-mesh/1", which stays offered.
+//
 // Packets and streams are handed to the Transport (memberlist) and to
 // listeners registered with Listen.
 const (
@@ -872,11 +881,11 @@ func (m *Mesh) handleUni(mc *meshConn, s *quic.ReceiveStream) {
 	defer s.CancelRead(0)
 	s.SetReadDeadline(time.Now().Add(headerWait))
 	var hdr [2]byte
-	if _, err := io.ReadFull(s, hdr[:]); err != nil || hdr[0] != meshVersion {
+	if _, err := io.ReadFull(s, hdr[:]); err != nil || hdr[0] == 0 {
 		return
 	}
-	switch hdr[1] {
-	case uniHello:
+	switch {
+	case hdr[1] == uniHello: // JSON: any version from 1 up (see the wire format)
 		var n [2]byte
 		if _, err := io.ReadFull(s, n[:]); err != nil {
 			return
@@ -894,12 +903,14 @@ func (m *Mesh) handleUni(mc *meshConn, s *quic.ReceiveStream) {
 			return
 		}
 		m.gotHello(mc, h)
-	case uniPacket:
+	case hdr[1] == uniPacket && hdr[0] == meshVersion:
 		b, err := io.ReadAll(io.LimitReader(s, maxPacket+1))
 		if err != nil || len(b) > maxPacket {
 			return
 		}
 		m.deliver(mc, b)
+	default:
+		m.log.Debug("ignoring a unidirectional stream of a later release", "peer", mc.peer, "version", hdr[0], "type", hdr[1])
 	}
 }
 

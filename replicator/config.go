@@ -99,6 +99,10 @@ type Config struct {
 	// tune, if set, adjusts the memberlist configuration just before it is
 	// used (tests make failure detection fast or slow with it).
 	tune func(*memberlist.Config)
+
+	// wire, if set, replaces what the node speaks on the wire (tests play
+	// the next release or the previous one with it; version.go).
+	wire *wireProfile
 }
 
 // DefaultConfig returns a Config with every default filled in; Name,

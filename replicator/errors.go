@@ -25,4 +25,8 @@ var (
 
 	// ErrInvalid: a bad argument (bucket, key, value or configuration).
 	ErrInvalid = errors.New("replicator: invalid argument")
+
+	// ErrDataFormat: the data directory was written by a newer build (a
+	// higher format than DataFormat) and is left untouched.
+	ErrDataFormat = errors.New("replicator: unsupported data format")
 )

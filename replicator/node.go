@@ -60,6 +60,8 @@ type Node struct {
 	pool   map[string][]*secureConn // idle outbound streams by peer name
 	dialed map[*secureConn]struct{} // every open outbound stream
 
+	wire wireState // what peers speak (version.go)
+
 	membersMu sync.Mutex             // guards members
 	members   map[string]*memberInfo // every other node seen, by name
 
@@ -235,6 +237,7 @@ func Open(cfg Config) (*Node, error) {
 	go n.applier()
 	go n.antiEntropyLoop()
 	go n.joinLoop()
+	n.startWireExtras() // test profiles only (version_next.go)
 	n.log.Info("replicator node started", "name", cfg.Name, "addr", n.Addr(), "records", n.Stats().Records)
 	return n, nil
 }

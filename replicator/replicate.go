@@ -55,13 +55,10 @@ func (n *Node) broadcast(rec Record) bool {
 // handleGossip decodes a gossiped message and hands it to the applier.
 // It runs on memberlist's packet goroutine and must not block.
 func (n *Node) handleGossip(msg []byte) {
-	typ, body, err := header(msg)
-	if err == nil && typ != msgRecords {
-		err = fmt.Errorf("%w: unexpected gossip message type %d", errMalformed, typ)
-	}
-	var recs []Record
-	if err == nil {
-		recs, err = decodeRecords(body) // copies: msg is reused by memberlist
+	recs, err := n.decodeGossip(msg) // copies: msg is reused by memberlist
+	if errors.Is(err, errUnknownType) {
+		n.log.Debug("ignoring gossip message of unknown type (a later release's)", "error", err)
+		return
 	}
 	if err != nil {
 		n.log.Warn("dropping gossip message", "error", err)
@@ -290,10 +287,11 @@ func (n *Node) dial(ctx context.Context, peer *peerRef) (*secureConn, error) {
 	sc := &secureConn{c: c, peer: peer.Name}
 	n.dialed[sc] = struct{}{} // so that Close can abort the handshake
 	n.poolMu.Unlock()
-	if err := sc.handshake(n.streamKey, true); err != nil {
+	if err := sc.handshake(n.streamKey, n.wireProfile(), n.cfg.Name, true); err != nil {
 		n.dropConn(sc)
 		return nil, fmt.Errorf("handshake with %s: %w", peer.Name, err)
 	}
+	n.notePeerWire(peer.Name, sc.wire)
 	return sc, nil
 }
 
@@ -344,9 +342,12 @@ func (n *Node) closeAllConns() {
 // until it ends, fails or stays idle for idleTimeout.
 func (n *Node) serveStream(c net.Conn) {
 	sc := &secureConn{c: c}
-	if err := sc.handshake(n.streamKey, false); err != nil {
+	if err := sc.handshake(n.streamKey, n.wireProfile(), n.cfg.Name, false); err != nil {
 		n.log.Debug("inbound stream handshake failed", "remote", c.RemoteAddr().String(), "error", err)
 		return
+	}
+	if sc.wire.Negotiated {
+		n.notePeerWire(sc.peer, sc.wire)
 	}
 	for {
 		typ, body, err := sc.recv(idleTimeout)
@@ -392,8 +393,13 @@ func (n *Node) serveStream(c net.Conn) {
 				return
 			}
 		default:
-			n.log.Warn("unexpected message on replication stream", "type", typ, "remote", c.RemoteAddr().String())
-			return
+			if typ >= msgHello && typ <= msgUnknown { // known, but not a request
+				n.log.Warn("unexpected message on replication stream", "type", typ, "remote", c.RemoteAddr().String())
+				return
+			}
+			if err := n.serveUnknown(sc, typ, body); err != nil {
+				return
+			}
 		}
 	}
 }

@@ -3,6 +3,7 @@ package replicator
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -13,15 +14,73 @@ import (
 
 // On-disk layout (bbolt, DataDir/circle.db):
 //
-//	meta            "hlc"  -> u64 last HLC timestamp issued or observed
-//	                "name" -> the node name that last opened the file
+//	meta            "hlc"    -> u64 last HLC timestamp issued or observed
+//	                "name"   -> the node name that last opened the file
+//	                "format" -> u32 data format (DataFormat); absent: format 1,
+//	                            written by a release before format versions
+//	                            (b4e49ea)
 //	data / <bucket> <key>  -> encodeStored(record)
 var (
-	bktMeta = []byte("meta")
-	bktData = []byte("data")
-	keyHLC  = []byte("hlc")
-	keyName = []byte("name")
+	bktMeta   = []byte("meta")
+	bktData   = []byte("data")
+	keyHLC    = []byte("hlc")
+	keyName   = []byte("name")
+	keyFormat = []byte("format")
 )
+
+// DataFormat is the on-disk format this build writes and the highest it
+// reads. A change to the layout above bumps it and adds the step from the
+// previous format to migrations. The releases before format versions
+// (b4e49ea) ignore "format" but refuse records whose storage version byte
+// (encodeStored) is not 1, so a new format that they must not read changes
+// that byte (or otherwise fails their loadState) rather than relying on the
+// meta key.
+const DataFormat = 1
+
+// migrations[f] turns a database of format f into format f+1, inside the
+// transaction that then stamps the new format. Format 1 without the key
+// (b4e49ea's) needs no change beyond the stamp.
+var migrations = map[uint32]func(tx *bolt.Tx) error{}
+
+// DataFormatError: the data directory Dir holds a format this build does
+// not read (errors.Is(err, ErrDataFormat)).
+type DataFormatError struct {
+	Dir    string
+	Format uint32 // the format found
+}
+
+func (e *DataFormatError) Error() string {
+	return fmt.Sprintf("data in %s was written by a newer Circle (format %d); this build reads format <= %d", e.Dir, e.Format, DataFormat)
+}
+
+func (e *DataFormatError) Is(target error) bool { return target == ErrDataFormat }
+
+// checkFormat refuses a database written by a newer build and migrates an
+// older one to DataFormat, stamping it (inside tx: all or nothing).
+func checkFormat(tx *bolt.Tx, dir string) error {
+	m := tx.Bucket(bktMeta)
+	f := uint32(1)
+	if v := m.Get(keyFormat); v != nil {
+		if len(v) != 4 || binary.BigEndian.Uint32(v) == 0 {
+			return fmt.Errorf("data in %s has a malformed format version %x: %w", dir, v, ErrDataFormat)
+		}
+		f = binary.BigEndian.Uint32(v)
+	}
+	if f > DataFormat {
+		return &DataFormatError{Dir: dir, Format: f}
+	}
+	for ; f < DataFormat; f++ {
+		if step := migrations[f]; step != nil {
+			if err := step(tx); err != nil {
+				return fmt.Errorf("migrating data in %s from format %d to %d: %w", dir, f, f+1, err)
+			}
+		}
+	}
+	if v := m.Get(keyFormat); v != nil && binary.BigEndian.Uint32(v) == DataFormat {
+		return nil
+	}
+	return m.Put(keyFormat, binary.BigEndian.AppendUint32(nil, DataFormat))
+}
 
 // DBFile is the name of the bbolt file in Config.DataDir.
 const DBFile = "circle.db"
@@ -40,9 +99,15 @@ func openDB(dir string) (*bolt.DB, error) {
 		if _, err := tx.CreateBucketIfNotExists(bktMeta); err != nil {
 			return err
 		}
-		_, err := tx.CreateBucketIfNotExists(bktData)
-		return err
+		if _, err := tx.CreateBucketIfNotExists(bktData); err != nil {
+			return err
+		}
+		return checkFormat(tx, dir)
 	})
+	if errors.Is(err, ErrDataFormat) {
+		db.Close()
+		return nil, err
+	}
 	if err != nil {
 		db.Close()
 		return nil, fmt.Errorf("initialising %s: %w", DBFile, err)

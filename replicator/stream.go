@@ -7,7 +7,6 @@ import (
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/hkdf"
-	"crypto/rand"
 	"crypto/sha256"
 	"encoding/binary"
 	"errors"
@@ -177,8 +176,10 @@ type secureConn struct {
 	open     cipher.AEAD
 	sendSeq  uint64
 	recvSeq  uint64
-	peer     string    // peer node name (dialer side)
+	peer     string    // peer node name (dialer side; listener side once negotiated)
 	lastUsed time.Time // when last returned to the pool
+	version  byte      // wire version spoken (1 unless negotiated higher)
+	wire     peerWire  // what the peer speaks (version.go)
 }
 
 // deriveStreamKey derives the replication stream key from the secret.
@@ -204,12 +205,14 @@ func helloMsg(nonce []byte) []byte {
 	return e.b
 }
 
+// readHello reads the peer's hello: exactly 34 bytes, any version from 1
+// up (the layout is fixed for good; see version.go).
 func readHello(r io.Reader) ([]byte, error) {
 	var buf [2 + nonceLen]byte
 	if _, err := io.ReadFull(r, buf[:]); err != nil {
 		return nil, fmt.Errorf("reading hello: %w", err)
 	}
-	typ, body, err := header(buf[:])
+	_, typ, body, err := parseHeader(buf[:])
 	if err != nil {
 		return nil, err
 	}
@@ -220,15 +223,17 @@ func readHello(r io.Reader) ([]byte, error) {
 }
 
 // handshake runs the hello exchange on s.c (the dialer first writes the
-// magic byte) and sets up the stream's ciphers.
-func (s *secureConn) handshake(streamKey []byte, dialer bool) error {
+// magic byte), sets up the stream's ciphers and, if both hellos are
+// tagged, negotiates the version and capabilities (version.go). p is what
+// this node speaks and name its node name.
+func (s *secureConn) handshake(streamKey []byte, p wireProfile, name string, dialer bool) error {
 	c := s.c
 	c.SetDeadline(time.Now().Add(handshakeTimeout))
 	defer c.SetDeadline(time.Time{})
-	mine := make([]byte, nonceLen)
-	rand.Read(mine)
+	mine := p.newNonce()
 	s.r = bufio.NewReaderSize(c, 8<<10)
 	s.w = bufio.NewWriterSize(c, 8<<10)
+	s.version = 1
 	var theirs []byte
 	var err error
 	if dialer {
@@ -271,6 +276,18 @@ func (s *secureConn) handshake(streamKey []byte, dialer bool) error {
 	} else {
 		s.seal, s.open = l, d
 	}
+	if p.legacy || !tagged(theirs) {
+		if p.min > 1 {
+			return fmt.Errorf("%w: the peer speaks version 1 only, we speak %d..%d", errNoCommonVersion, p.min, p.max)
+		}
+		s.wire = peerWire{Min: 1, Max: 1, Version: 1}
+		return nil
+	}
+	pw, err := s.negotiate(p, name)
+	if err != nil {
+		return err
+	}
+	s.wire, s.version = pw, pw.Version
 	return nil
 }
 
@@ -299,7 +316,10 @@ func (s *secureConn) send(msg []byte) error {
 // errAuth means a frame failed authentication (another secret, or tampering).
 var errAuth = errors.New("stream authentication failed")
 
-// recv reads one frame within timeout and returns the message type and body.
+// recv reads one frame within timeout and returns the message type and
+// body. Any type passes (the caller decides); a version above the
+// stream's is malformed, and msgUnknown is returned with an error wrapping
+// errUnknownRequest (the stream stays usable).
 func (s *secureConn) recv(timeout time.Duration) (byte, []byte, error) {
 	s.c.SetReadDeadline(time.Now().Add(timeout))
 	var l [4]byte
@@ -325,7 +345,21 @@ func (s *secureConn) recv(timeout time.Duration) (byte, []byte, error) {
 		return 0, nil, errAuth
 	}
 	s.recvSeq++
-	return header(pt)
+	ver, typ, body, err := parseHeader(pt)
+	if err != nil {
+		return 0, nil, err
+	}
+	if ver > max(s.version, 1) {
+		return 0, nil, fmt.Errorf("%w: version %d on a stream of version %d", errMalformed, ver, max(s.version, 1))
+	}
+	if typ == msgUnknown {
+		var t byte
+		if len(body) > 0 {
+			t = body[0]
+		}
+		return typ, body, fmt.Errorf("%w (type %d)", errUnknownRequest, t)
+	}
+	return typ, body, nil
 }
 
 func (s *secureConn) Close() error { return s.c.Close() }

@@ -14,9 +14,13 @@ import (
 //
 // Every message, gossip or stream, is
 //
-//	u8 protocol version (protoVersion = 1) | u8 message type | body
+//	u8 version | u8 message type | body
 //
-// A receiver rejects other versions and unknown types. Records are
+// The version is the wire version that defined the message's layout
+// (protoVersion = 1 for every layout below). Version 0 is malformed.
+// Versions, the negotiation of capabilities on streams and what a node
+// tolerates from a later release (unknown types, appended fields) are in
+// version.go. Records are
 //
 //	record = str bucket | str key | u64 version time | str version node |
 //	         u8 flags (bit 0: deleted; other bits zero) | str value
@@ -40,6 +44,10 @@ import (
 //	msgWant      8  uvarint nb | nb × (str bucket | uvarint nk | nk × str key)
 //	msgEnd       9  empty
 //	msgLeave    10  str node name (the dialer leaves the circle; answered by msgAck)
+//	msgCaps     11  u8 min version | u8 max version | u64 capabilities |
+//	                str node name | later fields (ignored); only after
+//	                tagged hellos (version.go)
+//	msgUnknown  12  u8 type: the reply to a request of an unknown type
 //
 // Gossip messages are memberlist user messages, encrypted and authenticated
 // by memberlist with its keyring (SecretKey = HKDF-SHA256(secret, nil,
@@ -48,7 +56,10 @@ import (
 // Streams use memberlist's transport (DialAddressTimeout / StreamCh). The
 // dialer first writes the byte streamMagic (0xC7; memberlist's own streams
 // start with a message type below 16 or with 244), then both sides send a
-// plaintext msgHello with a fresh nonce. Every further message is a frame
+// plaintext msgHello with a fresh nonce (always exactly 34 bytes, version
+// byte 1: the previous release reads exactly that; nodes that negotiate
+// tag the nonce and then exchange msgCaps, see version.go). Every further
+// message is a frame
 //
 //	u32 length | AES-256-GCM ciphertext (message above + 16-byte tag)
 //
@@ -84,6 +95,8 @@ const (
 	msgWant      = 8
 	msgEnd       = 9
 	msgLeave     = 10
+	msgCaps      = 11
+	msgUnknown   = 12
 
 	numRanges = 256
 	nonceLen  = 32
@@ -93,6 +106,10 @@ const (
 
 // errMalformed is returned for undecodable input.
 var errMalformed = errors.New("malformed message")
+
+// errUnknownType wraps errMalformed for a message type this release does
+// not know (a later release's; see version.go for what to do with it).
+var errUnknownType = fmt.Errorf("%w: unknown message type", errMalformed)
 
 // enc appends wire encodings to a byte slice.
 type enc struct{ b []byte }
@@ -242,18 +259,29 @@ func (d *dec) end() error {
 	return d.err
 }
 
-// header splits a message into its type and body.
-func header(msg []byte) (byte, []byte, error) {
+// parseHeader splits a message into its version, type and body. Any
+// version from 1 up and any type pass.
+func parseHeader(msg []byte) (ver, typ byte, body []byte, err error) {
 	if len(msg) < 2 {
-		return 0, nil, fmt.Errorf("%w: short header", errMalformed)
+		return 0, 0, nil, fmt.Errorf("%w: short header", errMalformed)
 	}
-	if msg[0] != protoVersion {
-		return 0, nil, fmt.Errorf("%w: unsupported protocol version %d", errMalformed, msg[0])
+	if msg[0] == 0 {
+		return 0, 0, nil, fmt.Errorf("%w: protocol version 0", errMalformed)
 	}
-	if msg[1] < msgHello || msg[1] > msgLeave {
-		return 0, nil, fmt.Errorf("%w: unknown message type %d", errMalformed, msg[1])
+	return msg[0], msg[1], msg[2:], nil
+}
+
+// header splits a message into its type and body; a type this release
+// does not know is an error wrapping errUnknownType.
+func header(msg []byte) (byte, []byte, error) {
+	_, typ, body, err := parseHeader(msg)
+	if err != nil {
+		return 0, nil, err
 	}
-	return msg[1], msg[2:], nil
+	if typ < msgHello || typ > msgUnknown {
+		return 0, nil, fmt.Errorf("%w %d", errUnknownType, typ)
+	}
+	return typ, body, nil
 }
 
 // encodeRecords encodes a msgRecords or msgReplicate message.
@@ -280,6 +308,22 @@ func decodeRecords(body []byte) ([]Record, error) {
 	}
 	if err := d.end(); err != nil {
 		return nil, err
+	}
+	return recs, nil
+}
+
+// decodeRecordsPrefix decodes the body of a msgRecords message of a later
+// version than this release's: the records, then optional fields this
+// release does not know, which it ignores.
+func decodeRecordsPrefix(body []byte) ([]Record, error) {
+	d := &dec{b: body}
+	n := d.count(12)
+	recs := make([]Record, 0, n)
+	for i := 0; i < n && d.err == nil; i++ {
+		recs = append(recs, d.record())
+	}
+	if d.err != nil {
+		return nil, d.err
 	}
 	return recs, nil
 }
@@ -318,6 +362,12 @@ func decodeMessage(msg []byte) (byte, error) {
 		if len(body) != 0 {
 			err = fmt.Errorf("%w: end with a body", errMalformed)
 		}
+	case msgCaps:
+		_, _, _, _, err = decodeCaps(body)
+	case msgUnknown:
+		d := &dec{b: body}
+		d.u8()
+		err = d.end()
 	}
 	return typ, err
 }
