@@ -69,7 +69,9 @@ func (n *Node) syncWith(peer *peerRef) error {
 	n.mu.Lock()
 	digest := n.ix.digest()
 	n.mu.Unlock()
-	body, err := exchange(ctx, sc, encodeDigest(n.cfg.Name, digest), msgRanges)
+	dmsg := encodeDigest(n.cfg.Name, digest)
+	n.countMeta(dmsg, 0)
+	body, err := exchange(ctx, sc, dmsg, msgRanges)
 	if err != nil {
 		return err
 	}
@@ -111,7 +113,14 @@ func (n *Node) syncWith(peer *peerRef) error {
 		}
 	}
 	n.mu.Unlock()
-	if err := sc.send(encodeSummary(more, sums)); err != nil {
+	smsg, nkeys := encodeSummary(more, sums), 0
+	for _, bs := range sums {
+		for _, rs := range bs.ranges {
+			nkeys += len(rs.entries)
+		}
+	}
+	n.countMeta(smsg, nkeys)
+	if err := sc.send(smsg); err != nil {
 		return err
 	}
 
@@ -175,7 +184,9 @@ func (n *Node) serveAntiEntropy(sc *secureConn, body []byte) error {
 		}
 	}
 	n.mu.Unlock()
-	if err := sc.send(encodeRanges(out)); err != nil {
+	rmsg := encodeRanges(out)
+	n.countMeta(rmsg, 0)
+	if err := sc.send(rmsg); err != nil {
 		return err
 	}
 	if len(out) == 0 {
@@ -229,7 +240,12 @@ func (n *Node) serveAntiEntropy(sc *secureConn, body []byte) error {
 	if err := n.sendRecords(sc, give); err != nil {
 		return err
 	}
-	if err := sc.send(encodeWant(want)); err != nil {
+	wmsg, nkeys := encodeWant(want), 0
+	for _, w := range want {
+		nkeys += len(w.keys)
+	}
+	n.countMeta(wmsg, nkeys)
+	if err := sc.send(wmsg); err != nil {
 		return err
 	}
 	for {

@@ -76,6 +76,8 @@ type Node struct {
 	aeSent        atomic.Uint64
 	aeReceived    atomic.Uint64
 	gossipDropped atomic.Uint64
+
+	ae aeState // anti-entropy and garbage-collection state (gc.go)
 }
 
 // Member is a node of the circle as seen by this node.
@@ -102,6 +104,9 @@ type Stats struct {
 	RecordsReceived     uint64    `json:"records_received"` // records received (gossip and streams)
 	BroadcastQueue      int       `json:"broadcast_queue"`  // gossip messages waiting for transmission
 	GossipDropped       uint64    `json:"gossip_dropped"`   // gossiped records dropped because the apply queue was full
+
+	AntiEntropyMetaBytes uint64 `json:"anti_entropy_meta_bytes"` // anti-entropy metadata (digests, hashes, key listings, wants) sent, in bytes
+	AntiEntropyMetaKeys  uint64 `json:"anti_entropy_meta_keys"`  // keys listed in that metadata
 }
 
 // Open opens the store in cfg.DataDir, starts memberlist on cfg.BindAddr and
@@ -506,7 +511,7 @@ func (n *Node) Stats() Stats {
 	n.statsMu.Lock()
 	last, peer := n.lastAE, n.lastAEPeer
 	n.statsMu.Unlock()
-	return Stats{
+	s := Stats{
 		Records:             live,
 		Tombstones:          dead,
 		Buckets:             buckets,
@@ -523,6 +528,8 @@ func (n *Node) Stats() Stats {
 		BroadcastQueue:      n.bcast.NumQueued(),
 		GossipDropped:       n.gossipDropped.Load(),
 	}
+	n.aeStats(&s)
+	return s
 }
 
 // numMembers is the node count for the broadcast queue.
