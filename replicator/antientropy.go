@@ -68,7 +68,7 @@ func (n *Node) syncWith(peer *peerRef) error {
 
 	n.mu.Lock()
 	digest := n.ix.digest()
-	n.mu.Unlock()
+	n.mu.Unlock() // digest reads only the bucket roots
 	dmsg := encodeDigest(n.cfg.Name, digest)
 	n.countMeta(dmsg, 0)
 	body, err := exchange(ctx, sc, dmsg, msgRanges)
@@ -87,12 +87,12 @@ func (n *Node) syncWith(peer *peerRef) error {
 	// Our entries in every range whose hash differs.
 	var sums []bucketSummary
 	more, size := false, 0
-	n.mu.Lock()
+	bk := n.buckets()
 	for _, br := range theirs {
 		if checkBucket(br.bucket) != nil {
 			continue
 		}
-		mine := n.ix.rangeHashes(br.bucket)
+		mine := bk[br.bucket].rangeHashes()
 		bs := bucketSummary{bucket: br.bucket}
 		for r := range numRanges {
 			if mine[r] == br.hashes[r] {
@@ -102,7 +102,7 @@ func (n *Node) syncWith(peer *peerRef) error {
 				more = true
 				break
 			}
-			es := n.ix.entries(br.bucket, byte(r))
+			es := bk[br.bucket].entriesIn(2, uint64(r))
 			for _, e := range es {
 				size += len(e.key) + len(e.m.v.Node) + 12
 			}
@@ -112,7 +112,6 @@ func (n *Node) syncWith(peer *peerRef) error {
 			sums = append(sums, bs)
 		}
 	}
-	n.mu.Unlock()
 	smsg, nkeys := encodeSummary(more, sums), 0
 	for _, bs := range sums {
 		for _, rs := range bs.ranges {
@@ -172,9 +171,12 @@ func (n *Node) serveAntiEntropy(sc *secureConn, body []byte) error {
 	}
 	var out []bucketRanges
 	n.mu.Lock()
-	for _, d := range n.ix.digest() {
+	mine := n.ix.digest()
+	bk := n.ix.snapshot()
+	n.mu.Unlock()
+	for _, d := range mine {
 		if roots[d.bucket] != d.root {
-			out = append(out, bucketRanges{bucket: d.bucket, hashes: n.ix.rangeHashes(d.bucket)})
+			out = append(out, bucketRanges{bucket: d.bucket, hashes: bk[d.bucket].rangeHashes()})
 		}
 		delete(roots, d.bucket)
 	}
@@ -183,7 +185,6 @@ func (n *Node) serveAntiEntropy(sc *secureConn, body []byte) error {
 			out = append(out, bucketRanges{bucket: b})
 		}
 	}
-	n.mu.Unlock()
 	rmsg := encodeRanges(out)
 	n.countMeta(rmsg, 0)
 	if err := sc.send(rmsg); err != nil {
@@ -206,12 +207,12 @@ func (n *Node) serveAntiEntropy(sc *secureConn, body []byte) error {
 		return err
 	}
 	var give, want []bucketKeys
-	n.mu.Lock()
+	bk = n.buckets()
 	for _, bs := range sums {
 		fww := n.fww[bs.bucket]
 		g, w := bucketKeys{bucket: bs.bucket}, bucketKeys{bucket: bs.bucket}
 		for _, rs := range bs.ranges {
-			mine := n.ix.entries(bs.bucket, rs.r)
+			mine := bk[bs.bucket].entriesIn(2, uint64(rs.r))
 			mineBy := make(map[string]meta, len(mine))
 			for _, e := range mine {
 				mineBy[e.key] = e.m
@@ -236,7 +237,6 @@ func (n *Node) serveAntiEntropy(sc *secureConn, body []byte) error {
 			want = append(want, w)
 		}
 	}
-	n.mu.Unlock()
 	if err := n.sendRecords(sc, give); err != nil {
 		return err
 	}
