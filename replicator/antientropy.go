@@ -26,6 +26,8 @@ func (n *Node) kickAntiEntropy(peer string) {
 // with a given peer when kicked (a node joined).
 func (n *Node) antiEntropyLoop() {
 	defer n.wg.Done()
+	n.wg.Add(1) // counted while this goroutine is: Close waits for both
+	go n.gcLoop()
 	t := time.NewTicker(n.cfg.AntiEntropyInterval)
 	defer t.Stop()
 	for {
@@ -55,11 +57,53 @@ func (n *Node) aeDone(peer string) {
 	n.statsMu.Unlock()
 }
 
-// syncWith runs one anti-entropy exchange with peer, as the dialer (see the
-// conversation in wire.go).
+// syncWith runs one anti-entropy exchange with peer, as the dialer: the
+// tree exchange (wiretree.go), or the digest exchange (wire.go) with a peer
+// that closed the stream on msgSync (an earlier release) in the last
+// legacyRetry.
 func (n *Node) syncWith(peer *peerRef) error {
 	ctx, cancel := context.WithTimeout(n.ctx, aeTimeout)
 	defer cancel()
+	if !n.isLegacy(peer.Name) {
+		sc, err := n.dial(ctx, peer)
+		if err != nil {
+			return err
+		}
+		answered, err := n.syncTree(sc, peer.Name)
+		n.dropConn(sc)
+		if answered || err == nil || ctx.Err() != nil {
+			return err
+		}
+		n.log.Debug("peer did not answer the tree exchange; trying the digest exchange", "peer", peer.Name, "error", err)
+		if err := n.syncDigestWith(ctx, peer); err != nil {
+			return err
+		}
+		n.setLegacy(peer.Name)
+		n.log.Info("peer speaks only the digest exchange (an earlier release)", "peer", peer.Name)
+		return nil
+	}
+	return n.syncDigestWith(ctx, peer)
+}
+
+// isLegacy reports whether peer recently answered only the digest exchange.
+func (n *Node) isLegacy(peer string) bool {
+	n.ae.mu.Lock()
+	defer n.ae.mu.Unlock()
+	return time.Now().Before(n.ae.legacy[peer])
+}
+
+func (n *Node) setLegacy(peer string) {
+	n.ae.mu.Lock()
+	defer n.ae.mu.Unlock()
+	if n.ae.legacy == nil {
+		n.ae.legacy = make(map[string]time.Time)
+	}
+	n.ae.legacy[peer] = time.Now().Add(legacyRetry)
+}
+
+// syncDigestWith runs the digest exchange (wire.go) with peer as the
+// dialer.
+func (n *Node) syncDigestWith(ctx context.Context, peer *peerRef) error {
 	sc, err := n.dial(ctx, peer)
 	if err != nil {
 		return err

@@ -16,6 +16,7 @@ const (
 	DefaultReplicas            = 2
 	DefaultAckTimeout          = 5 * time.Second
 	DefaultAntiEntropyInterval = 5 * time.Second
+	DefaultTombstoneHorizon    = 72 * time.Hour
 )
 
 // Config configures a Node. Zero values of optional fields mean the default
@@ -60,6 +61,14 @@ type Config struct {
 	// peer. Default 5s.
 	AntiEntropyInterval time.Duration
 
+	// TombstoneHorizon is how long a tombstone (a deleted record) is kept:
+	// older ones are removed from disk and index by a background collector,
+	// once this node has completed an anti-entropy exchange after the
+	// delete. A node whose last exchange is older than the horizon resyncs
+	// fully when it returns (docs/INTERNALS.md, "Garbage collection").
+	// Default 72h.
+	TombstoneHorizon time.Duration
+
 	// FirstWriterWins names buckets where, between two live records, the
 	// EARLIER version wins (a Put over an existing live key is ignored).
 	// Default: none.
@@ -92,6 +101,7 @@ func DefaultConfig() Config {
 		Replicas:            DefaultReplicas,
 		AckTimeout:          DefaultAckTimeout,
 		AntiEntropyInterval: DefaultAntiEntropyInterval,
+		TombstoneHorizon:    DefaultTombstoneHorizon,
 	}
 }
 
@@ -134,6 +144,9 @@ func (cfg Config) withDefaults() (Config, error) {
 	}
 	if cfg.AntiEntropyInterval <= 0 {
 		cfg.AntiEntropyInterval = DefaultAntiEntropyInterval
+	}
+	if cfg.TombstoneHorizon <= 0 {
+		cfg.TombstoneHorizon = DefaultTombstoneHorizon
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)

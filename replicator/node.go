@@ -105,8 +105,11 @@ type Stats struct {
 	BroadcastQueue      int       `json:"broadcast_queue"`  // gossip messages waiting for transmission
 	GossipDropped       uint64    `json:"gossip_dropped"`   // gossiped records dropped because the apply queue was full
 
-	AntiEntropyMetaBytes uint64 `json:"anti_entropy_meta_bytes"` // anti-entropy metadata (digests, hashes, key listings, wants) sent, in bytes
-	AntiEntropyMetaKeys  uint64 `json:"anti_entropy_meta_keys"`  // keys listed in that metadata
+	AntiEntropyMetaBytes uint64    `json:"anti_entropy_meta_bytes"` // anti-entropy metadata (digests, hashes, key listings, wants) sent, in bytes
+	AntiEntropyMetaKeys  uint64    `json:"anti_entropy_meta_keys"`  // keys listed in that metadata
+	TombstonesCollected  uint64    `json:"tombstones_collected"`    // tombstones removed after Config.TombstoneHorizon
+	ResyncDropped        uint64    `json:"resync_dropped"`          // records dropped by a resync after the horizon (deleted elsewhere meanwhile)
+	LastSync             time.Time `json:"last_sync"`               // start of the last completed tree exchange (persisted); zero if none
 }
 
 // Open opens the store in cfg.DataDir, starts memberlist on cfg.BindAddr and

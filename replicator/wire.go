@@ -39,6 +39,8 @@ import (
 //	msgWant      8  uvarint nb | nb × (str bucket | uvarint nk | nk × str key)
 //	msgEnd       9  empty
 //	msgLeave    10  str node name (the dialer leaves the circle; answered by msgAck)
+//	msgSync     11  the tree exchange, see wiretree.go
+//	msgTree     12  the tree exchange, see wiretree.go
 //
 // Gossip messages are memberlist user messages, encrypted and authenticated
 // by memberlist with its keyring (SecretKey = HKDF-SHA256(secret, nil,
@@ -249,7 +251,7 @@ func header(msg []byte) (byte, []byte, error) {
 	if msg[0] != protoVersion {
 		return 0, nil, fmt.Errorf("%w: unsupported protocol version %d", errMalformed, msg[0])
 	}
-	if msg[1] < msgHello || msg[1] > msgLeave {
+	if msg[1] < msgHello || msg[1] > msgTree {
 		return 0, nil, fmt.Errorf("%w: unknown message type %d", errMalformed, msg[1])
 	}
 	return msg[1], msg[2:], nil
@@ -313,6 +315,8 @@ func decodeMessage(msg []byte) (byte, error) {
 		d := &dec{b: body}
 		d.str(maxNodeName)
 		err = d.end()
+	case msgSync, msgTree:
+		_, _, err = decodeTurnFrame(body, typ == msgSync, &treeTurn{})
 	case msgEnd:
 		if len(body) != 0 {
 			err = fmt.Errorf("%w: end with a body", errMalformed)
