@@ -84,3 +84,38 @@ func digestBytes(n *Node) []byte {
 	n.mu.Unlock()
 	return []byte(fmt.Sprint(d))
 }
+
+// TestTreeExchangeFallsBackToDigests: a node of an earlier release (closes
+// the stream on msgSync) still syncs both ways with a current one.
+func TestTreeExchangeFallsBackToDigests(t *testing.T) {
+	dir := t.TempDir()
+	ca, cb := testConfig(t, dir, "new"), testConfig(t, dir, "old")
+	cb.DigestExchangeOnly = true
+	a, b := open(t, ca), open(t, cb)
+	var onA, onB []Record
+	for i := range 20 {
+		onA = append(onA, Record{Bucket: "x", Key: fmt.Sprintf("a-%d", i), Value: []byte("v"), Version: Version{Time: uint64(i + 1), Node: "new"}})
+		onB = append(onB, Record{Bucket: "x", Key: fmt.Sprintf("b-%d", i), Value: []byte("v"), Version: Version{Time: uint64(i + 1), Node: "old"}})
+	}
+	if err := a.applyRemote(onA, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.applyRemote(onB, false); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.ml.Load().Join([]string{a.Addr()}); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 20*time.Second, "both ways", func() bool {
+		return a.Stats().Records == 40 && b.Stats().Records == 40
+	})
+	rounds := a.Stats().AntiEntropyRounds
+	waitFor(t, 20*time.Second, "more exchanges", func() bool { return a.Stats().AntiEntropyRounds >= rounds+4 })
+	if !a.isLegacy("old") {
+		t.Fatal("the current node did not fall back to the digest exchange")
+	}
+	if err := a.Put(ctxT(t), "x", "later", []byte("v")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 20*time.Second, "a later write", func() bool { return valueIs(b, "x", "later", "v") })
+}

@@ -64,7 +64,7 @@ func (n *Node) aeDone(peer string) {
 func (n *Node) syncWith(peer *peerRef) error {
 	ctx, cancel := context.WithTimeout(n.ctx, aeTimeout)
 	defer cancel()
-	if !n.isLegacy(peer.Name) {
+	if !n.cfg.DigestExchangeOnly && !n.isLegacy(peer.Name) {
 		sc, err := n.dial(ctx, peer)
 		if err != nil {
 			return err

@@ -69,6 +69,13 @@ type Config struct {
 	// Default 72h.
 	TombstoneHorizon time.Duration
 
+	// DigestExchangeOnly makes the node behave like a release from before
+	// the tree exchange (anti-entropy proportional to the difference): it
+	// syncs only by the digest exchange and closes a stream that starts the
+	// tree exchange. For tests and benchmarks of mixed-release circles;
+	// default false.
+	DigestExchangeOnly bool
+
 	// FirstWriterWins names buckets where, between two live records, the
 	// EARLIER version wins (a Put over an existing live key is ignored).
 	// Default: none.

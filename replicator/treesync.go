@@ -206,6 +206,9 @@ func (n *Node) syncTree(sc *secureConn, peer string) (answered bool, err error) 
 
 // serveTree answers an exchange started by msgSync (body).
 func (n *Node) serveTree(sc *secureConn, body []byte) error {
+	if n.cfg.DigestExchangeOnly {
+		return fmt.Errorf("%w: unknown message type %d", errMalformed, msgSync) // as earlier releases
+	}
 	start := n.nowMs()
 	var t treeTurn
 	peer, more, err := decodeTurnFrame(body, true, &t)
