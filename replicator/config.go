@@ -76,6 +76,12 @@ type Config struct {
 	// default false.
 	DigestExchangeOnly bool
 
+	// SerialCommit commits every local write in its own transaction (one
+	// fsync each), as releases before group commit did, instead of one
+	// transaction for all the writes that wait at the same time. For
+	// benchmarks; default false.
+	SerialCommit bool
+
 	// FirstWriterWins names buckets where, between two live records, the
 	// EARLIER version wins (a Put over an existing live key is ignored).
 	// Default: none.

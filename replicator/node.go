@@ -77,7 +77,8 @@ type Node struct {
 	aeReceived    atomic.Uint64
 	gossipDropped atomic.Uint64
 
-	ae aeState // anti-entropy and garbage-collection state (gc.go)
+	ae      aeState     // anti-entropy and garbage-collection state (gc.go)
+	commits commitQueue // local writes waiting for a transaction (commit.go)
 }
 
 // Member is a node of the circle as seen by this node.
@@ -437,22 +438,13 @@ func (n *Node) writeLocal(bucket, key string, value []byte, deleted bool) (Recor
 	if !deleted {
 		rec.Value = append([]byte{}, value...)
 	}
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	rec.Version = Version{Time: n.clock.next(), Node: n.cfg.Name}
-	w, err := n.mergeLocked([]Record{rec})
-	if err != nil || len(w) == 0 {
-		return rec, false, err
-	}
-	return rec, true, nil
+	return n.commitLocal(rec) // commit.go: group commit
 }
 
 // applyRemote merges records received from peers; rebroadcast re-gossips
 // the small ones that changed something here.
 func (n *Node) applyRemote(recs []Record, rebroadcast bool) error {
-	n.mu.Lock()
-	winners, err := n.mergeLocked(recs)
-	n.mu.Unlock()
+	winners, err := n.commitRemote(recs) // commit.go: group commit
 	if err != nil {
 		return err
 	}

@@ -1,0 +1,360 @@
+// Command syncbench measures two things side by side in one run.
+//
+// Anti-entropy: two replicator nodes on loopback share N records (1k, 10k,
+// 100k; one bbolt file copied) and differ in 100 (50 keys only one has, 50
+// keys the other holds a newer version of). They meet; the bench prints the
+// metadata (hashes, key listings, wants) both sent until they agree, for
+// the tree exchange and for the digest exchange of earlier releases
+// (Config.DigestExchangeOnly), the size of a full listing of every key and
+// version, and the time from meeting to agreement.
+//
+// Put throughput: a single node (Replicas 1) and a 3-node circle (Replicas
+// 2), with 1 and with W concurrent writers, with one transaction per write
+// (Config.SerialCommit) and with group commit. Every write is fsynced
+// before Put returns in both.
+//
+//	go run ./bench/syncbench [-differ 100] [-writers 16] [-writes 2000]
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/homecircle/circle/replicator"
+)
+
+var secret = func() []byte { b := make([]byte, 32); rand.Read(b); return b }()
+
+func main() {
+	differ := flag.Int("differ", 100, "records that differ between the two nodes")
+	writers := flag.Int("writers", 16, "concurrent writers")
+	writes := flag.Int("writes", 2000, "writes per throughput measurement")
+	flag.Parse()
+	if err := run(*differ, *writers, *writes); err != nil {
+		fmt.Fprintln(os.Stderr, "syncbench:", err)
+		os.Exit(1)
+	}
+}
+
+func run(differ, writers, writes int) error {
+	fmt.Printf("anti-entropy, %d differing records: metadata sent by both nodes until they agree\n", differ)
+	fmt.Printf("%-8s %14s %14s %14s %9s %9s %10s %10s\n", "records", "tree", "digest", "full listing", "digest/", "listing/", "tree", "digest")
+	fmt.Printf("%-8s %14s %14s %14s %9s %9s %10s %10s\n", "", "bytes (keys)", "bytes (keys)", "bytes", "tree", "tree", "time", "time")
+	for _, n := range []int{1000, 10_000, 100_000} {
+		tree, digest, listing, err := antiEntropy(n, differ)
+		if err != nil {
+			return err
+		}
+		fmt.Printf("%-8d %14s %14s %14d %9.1f %9.1f %10v %10v\n", n,
+			fmt.Sprintf("%d (%d)", tree.bytes, tree.keys), fmt.Sprintf("%d (%d)", digest.bytes, digest.keys), listing,
+			float64(digest.bytes)/float64(tree.bytes), float64(listing)/float64(tree.bytes),
+			tree.took.Round(time.Millisecond), digest.took.Round(time.Millisecond))
+	}
+	fmt.Printf("\nPut throughput (fsync before every ack), %d writes\n", writes)
+	fmt.Printf("%-22s %8s %14s %14s %8s\n", "", "writers", "serial /s", "group /s", "group/serial")
+	for _, c := range []struct {
+		name     string
+		size     int
+		replicas int
+	}{{"1 node, replicas 1", 1, 1}, {"3 nodes, replicas 2", 3, 2}} {
+		for _, w := range []int{1, writers} {
+			serial, err := throughput(c.size, c.replicas, w, writes, true)
+			if err != nil {
+				return err
+			}
+			group, err := throughput(c.size, c.replicas, w, writes, false)
+			if err != nil {
+				return err
+			}
+			fmt.Printf("%-22s %8d %14.0f %14.0f %8.2f\n", c.name, w, serial, group, group/serial)
+		}
+	}
+	return nil
+}
+
+type aeResult struct {
+	bytes, keys uint64
+	took        time.Duration
+}
+
+func logger() *slog.Logger {
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
+}
+
+func freePort() (int, error) {
+	for range 50 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return 0, err
+		}
+		port := l.Addr().(*net.TCPAddr).Port
+		u, err := net.ListenPacket("udp", fmt.Sprintf("127.0.0.1:%d", port))
+		l.Close()
+		if err == nil {
+			u.Close()
+			return port, nil
+		}
+	}
+	return 0, fmt.Errorf("no free port")
+}
+
+func config(dir, name string, mod func(*replicator.Config)) (replicator.Config, error) {
+	port, err := freePort()
+	if err != nil {
+		return replicator.Config{}, err
+	}
+	cfg := replicator.DefaultConfig()
+	cfg.Name = name
+	cfg.DataDir = filepath.Join(dir, name)
+	cfg.Secret = secret
+	cfg.BindAddr = fmt.Sprintf("127.0.0.1:%d", port)
+	cfg.Replicas = 1
+	cfg.AntiEntropyInterval = time.Hour // only the exchanges when nodes meet
+	cfg.Logger = logger()
+	if mod != nil {
+		mod(&cfg)
+	}
+	return cfg, nil
+}
+
+func key(i int) string { return fmt.Sprintf("key-%06d", i) }
+
+// load writes n records with many concurrent writers.
+func load(node *replicator.Node, n int) error {
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	errs := make(chan error, 64)
+	val := make([]byte, 100)
+	for range 64 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= n {
+					return
+				}
+				bucket := "accounts"
+				if i%4 == 0 {
+					bucket = "sessions"
+				}
+				if err := node.PutAsync(bucket, key(i), val); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	return <-errs
+}
+
+func copyFile(from, to string) error {
+	if err := os.MkdirAll(filepath.Dir(to), 0o700); err != nil {
+		return err
+	}
+	src, err := os.Open(from)
+	if err != nil {
+		return err
+	}
+	defer src.Close()
+	dst, err := os.Create(to)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(dst, src); err != nil {
+		dst.Close()
+		return err
+	}
+	return dst.Close()
+}
+
+// antiEntropy measures the tree and the digest exchange for n shared
+// records and differ differences, and returns the size of a full listing.
+func antiEntropy(n, differ int) (tree, digest aeResult, listing int, err error) {
+	dir, err := os.MkdirTemp("", "syncbench-")
+	if err != nil {
+		return
+	}
+	defer os.RemoveAll(dir)
+	cfg, err := config(dir, "seed", nil)
+	if err != nil {
+		return
+	}
+	seed, err := replicator.Open(cfg)
+	if err != nil {
+		return
+	}
+	err = load(seed, n)
+	seed.Close()
+	if err != nil {
+		return
+	}
+	for i := range n {
+		listing += 1 + len(key(i)) + 8 + 1 + len("seed") + 1 // str key | u64 time | str node | u8 flags
+	}
+	listing += binary.MaxVarintLen64
+	seedFile := filepath.Join(dir, "seed", replicator.DBFile)
+	if tree, err = meet(dir, "tree", seedFile, differ, false); err != nil {
+		return
+	}
+	digest, err = meet(dir, "digest", seedFile, differ, true)
+	return
+}
+
+// meet copies the seed file to two nodes, makes them differ, lets them
+// meet and measures until they agree.
+func meet(dir, run, seedFile string, differ int, digestOnly bool) (aeResult, error) {
+	var cfgs [2]replicator.Config
+	for i, name := range []string{"a", "b"} {
+		c, err := config(filepath.Join(dir, run), name, func(c *replicator.Config) { c.DigestExchangeOnly = digestOnly })
+		if err != nil {
+			return aeResult{}, err
+		}
+		if err := copyFile(seedFile, filepath.Join(c.DataDir, replicator.DBFile)); err != nil {
+			return aeResult{}, err
+		}
+		cfgs[i] = c
+	}
+	// The differences, written while apart; the nodes are reopened so no
+	// queued gossip carries them.
+	for i := range cfgs {
+		node, err := replicator.Open(cfgs[i])
+		if err != nil {
+			return aeResult{}, err
+		}
+		for j := range differ / 2 {
+			k, v := fmt.Sprintf("only-a-%d", j), []byte("new")
+			if i == 1 {
+				k, v = key(1+4*j*7), []byte("newer")
+			}
+			if err := node.PutAsync("accounts", k, v); err != nil {
+				node.Close()
+				return aeResult{}, err
+			}
+		}
+		node.Close()
+	}
+	a, err := replicator.Open(cfgs[0])
+	if err != nil {
+		return aeResult{}, err
+	}
+	defer a.Close()
+	cfgs[1].Join = []string{a.Addr()}
+	start := time.Now()
+	b, err := replicator.Open(cfgs[1])
+	if err != nil {
+		return aeResult{}, err
+	}
+	defer b.Close()
+	deadline := time.Now().Add(2 * time.Minute)
+	for !agree(a, b, differ) {
+		if time.Now().After(deadline) {
+			return aeResult{}, fmt.Errorf("%s: nodes did not agree within 2 min", run)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	took := time.Since(start)
+	// Both nodes start an exchange when they meet; let both finish.
+	for a.Stats().AntiEntropyRounds < 2 || b.Stats().AntiEntropyRounds < 2 {
+		if time.Now().After(deadline) {
+			return aeResult{}, fmt.Errorf("%s: exchanges did not finish", run)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	sa, sb := a.Stats(), b.Stats()
+	return aeResult{bytes: sa.AntiEntropyMetaBytes + sb.AntiEntropyMetaBytes, keys: sa.AntiEntropyMetaKeys + sb.AntiEntropyMetaKeys, took: took}, nil
+}
+
+func agree(a, b *replicator.Node, differ int) bool {
+	for j := range differ / 2 {
+		if _, err := b.Get("accounts", fmt.Sprintf("only-a-%d", j)); err != nil {
+			return false
+		}
+		if r, err := a.Get("accounts", key(1+4*j*7)); err != nil || string(r.Value) != "newer" {
+			return false
+		}
+	}
+	return true
+}
+
+// throughput measures Puts per second on the first node of a circle.
+func throughput(size, replicas, writers, writes int, serial bool) (float64, error) {
+	dir, err := os.MkdirTemp("", "syncbench-")
+	if err != nil {
+		return 0, err
+	}
+	defer os.RemoveAll(dir)
+	var nodes []*replicator.Node
+	defer func() {
+		for _, n := range nodes {
+			n.Close()
+		}
+	}()
+	for i := range size {
+		cfg, err := config(dir, fmt.Sprintf("n%d", i), func(c *replicator.Config) {
+			c.Replicas = replicas
+			c.SerialCommit = serial
+		})
+		if err != nil {
+			return 0, err
+		}
+		if i > 0 {
+			cfg.Join = []string{nodes[0].Addr()}
+		}
+		n, err := replicator.Open(cfg)
+		if err != nil {
+			return 0, err
+		}
+		nodes = append(nodes, n)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for nodes[0].Stats().AliveMembers != size {
+		if time.Now().After(deadline) {
+			return 0, fmt.Errorf("%d nodes did not meet", size)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	var failed atomic.Value
+	val := make([]byte, 200)
+	start := time.Now()
+	for range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= writes {
+					return
+				}
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				err := nodes[0].Put(ctx, "bench", key(i), val)
+				cancel()
+				if err != nil {
+					failed.Store(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	took := time.Since(start)
+	if err, _ := failed.Load().(error); err != nil {
+		return 0, err
+	}
+	return float64(writes) / took.Seconds(), nil
+}

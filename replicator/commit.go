@@ -1,0 +1,106 @@
+package replicator
+
+import "sync"
+
+// Group commit. bbolt fsyncs every committed transaction, and a write
+// holds Node.mu through its transaction, so with one transaction per write
+// concurrent writers (local Puts, and records from peers: acknowledged
+// writes of other nodes, gossip, anti-entropy) queue behind one fsync each.
+// Instead a writer queues its records, then takes Node.mu; whoever holds Node.mu next
+// commits everything queued by then in one transaction (one fsync) and
+// hands each writer its outcome. A writer returns only after the
+// transaction holding its records committed, so fsync-before-ack holds.
+
+// commitQueue holds local writes waiting for a transaction.
+type commitQueue struct {
+	mu   sync.Mutex // guards reqs
+	reqs []*commitReq
+}
+
+// commitReq is one queued write: a local change (versioned when
+// committed) or records received from peers. The committer sets winners
+// and err while holding Node.mu, before releasing it; the writer reads them
+// after taking Node.mu itself.
+type commitReq struct {
+	recs    []Record
+	local   bool
+	winners []Record // those of recs that became the winning record of their key
+	err     error
+}
+
+// commitLocal versions and stores a local change. stored is false if the
+// change lost (first-writer-wins bucket).
+func (n *Node) commitLocal(rec Record) (Record, bool, error) {
+	req := &commitReq{recs: []Record{rec}, local: true}
+	n.commit(req)
+	if req.err != nil || len(req.winners) == 0 {
+		return req.recs[0], false, req.err
+	}
+	return req.winners[0], true, nil
+}
+
+// commitRemote merges records received from peers and returns those that
+// became the winning record of their key.
+func (n *Node) commitRemote(recs []Record) ([]Record, error) {
+	req := &commitReq{recs: recs}
+	n.commit(req)
+	return req.winners, req.err
+}
+
+// commit stores req in one transaction with the other writes queued at the
+// same time (Config.SerialCommit: alone).
+func (n *Node) commit(req *commitReq) {
+	if n.cfg.SerialCommit {
+		n.mu.Lock()
+		n.commitBatchLocked([]*commitReq{req})
+		n.mu.Unlock()
+		return
+	}
+	n.commits.mu.Lock()
+	n.commits.reqs = append(n.commits.reqs, req)
+	n.commits.mu.Unlock()
+	n.mu.Lock()
+	n.commits.mu.Lock()
+	batch := n.commits.reqs
+	n.commits.reqs = nil
+	n.commits.mu.Unlock()
+	if len(batch) > 0 { // else an earlier holder of n.mu committed req
+		n.commitBatchLocked(batch)
+	}
+	n.mu.Unlock()
+}
+
+// commitBatchLocked versions the local changes of batch in order and
+// stores the whole batch in one transaction. n.mu must be held.
+func (n *Node) commitBatchLocked(batch []*commitReq) {
+	var recs []Record
+	for _, r := range batch {
+		if r.local {
+			for i := range r.recs {
+				r.recs[i].Version = Version{Time: n.clock.next(), Node: n.cfg.Name}
+			}
+		}
+		recs = append(recs, r.recs...)
+	}
+	winners, err := n.mergeLocked(recs)
+	type wk struct {
+		bucket, key string
+		v           Version
+	}
+	won := make(map[wk]int, len(winners))
+	for i := range winners {
+		w := &winners[i]
+		won[wk{w.Bucket, w.Key, w.Version}] = i
+	}
+	for _, r := range batch {
+		r.err = err
+		if err != nil {
+			continue
+		}
+		for i := range r.recs {
+			if j, ok := won[wk{r.recs[i].Bucket, r.recs[i].Key, r.recs[i].Version}]; ok {
+				r.winners = append(r.winners, winners[j])
+			}
+		}
+	}
+}
