@@ -10,10 +10,10 @@
 //
 // Put throughput: a single node (Replicas 1) and a 3-node circle (Replicas
 // 2), with 1 and with W concurrent writers, with one transaction per write
-// (Config.SerialCommit) and with group commit. Every write is fsynced
-// before Put returns in both.
+// (Config.SerialCommit) and with group commit, alternating, medians of
+// several rounds. Every write is fsynced before Put returns in both.
 //
-//	go run ./bench/syncbench [-differ 100] [-writers 16] [-writes 2000]
+//	go run ./bench/syncbench [-differ 100] [-writers 16] [-writes 2000] [-rounds 3]
 package main
 
 import (
@@ -27,6 +27,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -40,28 +41,30 @@ func main() {
 	differ := flag.Int("differ", 100, "records that differ between the two nodes")
 	writers := flag.Int("writers", 16, "concurrent writers")
 	writes := flag.Int("writes", 2000, "writes per throughput measurement")
+	rounds := flag.Int("rounds", 3, "throughput rounds (serial and group alternate; medians are printed)")
 	flag.Parse()
-	if err := run(*differ, *writers, *writes); err != nil {
+	if err := run(*differ, *writers, *writes, *rounds); err != nil {
 		fmt.Fprintln(os.Stderr, "syncbench:", err)
 		os.Exit(1)
 	}
 }
 
-func run(differ, writers, writes int) error {
+func run(differ, writers, writes, rounds int) error {
 	fmt.Printf("anti-entropy, %d differing records: metadata sent by both nodes until they agree\n", differ)
-	fmt.Printf("%-8s %14s %14s %14s %9s %9s %10s %10s\n", "records", "tree", "digest", "full listing", "digest/", "listing/", "tree", "digest")
-	fmt.Printf("%-8s %14s %14s %14s %9s %9s %10s %10s\n", "", "bytes (keys)", "bytes (keys)", "bytes", "tree", "tree", "time", "time")
+	fmt.Printf("%-8s %18s %18s %13s %8s %9s %8s %8s\n", "records", "tree", "digest", "full listing", "digest/", "listing/", "tree", "digest")
+	fmt.Printf("%-8s %18s %18s %13s %8s %9s %8s %8s\n", "", "bytes (keys) [ex]", "bytes (keys) [ex]", "bytes", "tree", "tree", "time", "time")
 	for _, n := range []int{1000, 10_000, 100_000} {
 		tree, digest, listing, err := antiEntropy(n, differ)
 		if err != nil {
 			return err
 		}
-		fmt.Printf("%-8d %14s %14s %14d %9.1f %9.1f %10v %10v\n", n,
-			fmt.Sprintf("%d (%d)", tree.bytes, tree.keys), fmt.Sprintf("%d (%d)", digest.bytes, digest.keys), listing,
+		fmt.Printf("%-8d %18s %18s %13d %8.1f %9.1f %8v %8v\n", n,
+			fmt.Sprintf("%d (%d) [%d]", tree.bytes, tree.keys, tree.exchanges), fmt.Sprintf("%d (%d) [%d]", digest.bytes, digest.keys, digest.exchanges), listing,
 			float64(digest.bytes)/float64(tree.bytes), float64(listing)/float64(tree.bytes),
 			tree.took.Round(time.Millisecond), digest.took.Round(time.Millisecond))
 	}
-	fmt.Printf("\nPut throughput (fsync before every ack), %d writes\n", writes)
+	fmt.Println("[ex]: completed exchanges (each node starts one when they meet; they may overlap)")
+	fmt.Printf("\nPut throughput (fsync before every ack), %d writes, median of %d rounds\n", writes, rounds)
 	fmt.Printf("%-22s %8s %14s %14s %8s\n", "", "writers", "serial /s", "group /s", "group/serial")
 	for _, c := range []struct {
 		name     string
@@ -69,14 +72,21 @@ func run(differ, writers, writes int) error {
 		replicas int
 	}{{"1 node, replicas 1", 1, 1}, {"3 nodes, replicas 2", 3, 2}} {
 		for _, w := range []int{1, writers} {
-			serial, err := throughput(c.size, c.replicas, w, writes, true)
-			if err != nil {
-				return err
+			var ss, gs []float64
+			for r := range rounds {
+				for _, serial := range []bool{r%2 == 0, r%2 != 0} { // alternate which goes first
+					v, err := throughput(c.size, c.replicas, w, writes, serial)
+					if err != nil {
+						return err
+					}
+					if serial {
+						ss = append(ss, v)
+					} else {
+						gs = append(gs, v)
+					}
+				}
 			}
-			group, err := throughput(c.size, c.replicas, w, writes, false)
-			if err != nil {
-				return err
-			}
+			serial, group := median(ss), median(gs)
 			fmt.Printf("%-22s %8d %14.0f %14.0f %8.2f\n", c.name, w, serial, group, group/serial)
 		}
 	}
@@ -84,8 +94,14 @@ func run(differ, writers, writes int) error {
 }
 
 type aeResult struct {
-	bytes, keys uint64
-	took        time.Duration
+	bytes, keys, exchanges uint64
+	took                   time.Duration
+}
+
+func median(v []float64) float64 {
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	return s[len(s)/2]
 }
 
 func logger() *slog.Logger {
@@ -275,7 +291,8 @@ func meet(dir, run, seedFile string, differ int, digestOnly bool) (aeResult, err
 		time.Sleep(5 * time.Millisecond)
 	}
 	sa, sb := a.Stats(), b.Stats()
-	return aeResult{bytes: sa.AntiEntropyMetaBytes + sb.AntiEntropyMetaBytes, keys: sa.AntiEntropyMetaKeys + sb.AntiEntropyMetaKeys, took: took}, nil
+	return aeResult{bytes: sa.AntiEntropyMetaBytes + sb.AntiEntropyMetaBytes, keys: sa.AntiEntropyMetaKeys + sb.AntiEntropyMetaKeys,
+		exchanges: (sa.AntiEntropyRounds + sb.AntiEntropyRounds) / 2, took: took}, nil
 }
 
 func agree(a, b *replicator.Node, differ int) bool {
