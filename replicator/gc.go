@@ -135,21 +135,25 @@ func (n *Node) neverMet() bool {
 	return len(n.members) == 0
 }
 
-// gcInterval is the period of garbage collection.
+// gcInterval is the period of garbage collection: a 24th of the horizon,
+// between 1 s (tests and the fault suite use short horizons) and 1 h.
 func (n *Node) gcInterval() time.Duration {
-	return min(max(n.cfg.TombstoneHorizon/24, time.Minute), time.Hour)
+	return min(max(n.cfg.TombstoneHorizon/24, time.Second), time.Hour)
 }
 
-// gcLoop collects garbage every gcInterval until Close.
+// gcLoop collects garbage a minute after start (a node restarted more
+// often than gcInterval still collects) and then every gcInterval, until
+// Close.
 func (n *Node) gcLoop() {
 	defer n.wg.Done()
-	t := time.NewTicker(n.gcInterval())
+	t := time.NewTimer(min(n.gcInterval(), time.Minute))
 	defer t.Stop()
 	for {
 		select {
 		case <-n.ctx.Done():
 			return
 		case <-t.C:
+			t.Reset(n.gcInterval())
 		}
 		if k, err := n.collectGarbage(); err != nil && n.ctx.Err() == nil {
 			n.log.Warn("garbage collection", "error", err)

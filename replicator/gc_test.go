@@ -138,3 +138,22 @@ func TestReturnAfterHorizonDoesNotResurrect(t *testing.T) {
 		}
 	}
 }
+
+// TestCollectorRunsInBackground: with a short horizon the background pass
+// collects without being called.
+func TestCollectorRunsInBackground(t *testing.T) {
+	cfg := testConfig(t, t.TempDir(), "solo")
+	cfg.TombstoneHorizon = 2 * time.Second
+	n := open(t, cfg)
+	if err := n.Delete(ctxT(t), "b", "k"); err != nil {
+		t.Fatal(err)
+	}
+	if n.Stats().Tombstones != 1 {
+		t.Fatal("no tombstone")
+	}
+	// Horizon 2 s, pass every second (the first one after a second too).
+	waitFor(t, 15*time.Second, "the tombstone collected", func() bool {
+		st := n.Stats()
+		return st.Tombstones == 0 && st.TombstonesCollected == 1
+	})
+}
