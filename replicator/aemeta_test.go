@@ -119,3 +119,32 @@ func TestTreeExchangeFallsBackToDigests(t *testing.T) {
 	}
 	waitFor(t, 20*time.Second, "a later write", func() bool { return valueIs(b, "x", "later", "v") })
 }
+
+// TestNewNodeGetsRecordsWithoutListings: a node joining empty receives the
+// records without either side listing keys.
+func TestNewNodeGetsRecordsWithoutListings(t *testing.T) {
+	const total = 10_000
+	dir := t.TempDir()
+	ca, cb := testConfig(t, dir, "a"), testConfig(t, dir, "b")
+	ca.AntiEntropyInterval, cb.AntiEntropyInterval = time.Hour, time.Hour
+	a := open(t, ca)
+	batch := make([]Record, 0, total)
+	for i := range total {
+		batch = append(batch, Record{Bucket: fmt.Sprintf("b%d", i%3), Key: fmt.Sprintf("key-%05d", i), Value: []byte("v"), Version: Version{Time: uint64(i + 1), Node: "seed"}})
+	}
+	if err := a.applyRemote(batch, false); err != nil {
+		t.Fatal(err)
+	}
+	cb.Join = []string{a.Addr()}
+	b := open(t, cb)
+	waitFor(t, 30*time.Second, "b has everything", func() bool { return b.Stats().Records == total })
+	waitFor(t, 10*time.Second, "both exchanges", func() bool { return a.Stats().AntiEntropyRounds >= 2 })
+	sa, sb := a.Stats(), b.Stats()
+	t.Logf("metadata: %d bytes, %d keys; records sent %d", sa.AntiEntropyMetaBytes+sb.AntiEntropyMetaBytes, sa.AntiEntropyMetaKeys+sb.AntiEntropyMetaKeys, sa.AntiEntropySent)
+	if keys := sa.AntiEntropyMetaKeys + sb.AntiEntropyMetaKeys; keys != 0 {
+		t.Fatalf("%d keys listed to sync an empty node", keys)
+	}
+	if bytes := sa.AntiEntropyMetaBytes + sb.AntiEntropyMetaBytes; bytes > 1024 {
+		t.Fatalf("%d bytes of metadata to sync an empty node", bytes)
+	}
+}

@@ -252,6 +252,8 @@ func (n *Node) serveAntiEntropy(sc *secureConn, body []byte) error {
 	}
 	var give, want []bucketKeys
 	bk = n.buckets()
+	collectable := n.horizonMs() // tombstones older are collected: not worth a trip where absent
+	old := func(m meta) bool { return m.deleted && m.v.Time>>16 < collectable }
 	for _, bs := range sums {
 		fww := n.fww[bs.bucket]
 		g, w := bucketKeys{bucket: bs.bucket}, bucketKeys{bucket: bs.bucket}
@@ -264,12 +266,12 @@ func (n *Node) serveAntiEntropy(sc *secureConn, body []byte) error {
 			theirsBy := make(map[string]meta, len(rs.entries))
 			for _, e := range rs.entries {
 				theirsBy[e.key] = e.m
-				if m, ok := mineBy[e.key]; !ok || beats(fww, e.m, m) {
+				if m, ok := mineBy[e.key]; (!ok && !old(e.m)) || (ok && beats(fww, e.m, m)) {
 					w.keys = append(w.keys, e.key)
 				}
 			}
 			for _, e := range mine {
-				if t, ok := theirsBy[e.key]; !ok || beats(fww, e.m, t) {
+				if t, ok := theirsBy[e.key]; (!ok && !old(e.m)) || (ok && beats(fww, e.m, t)) {
 					g.keys = append(g.keys, e.key)
 				}
 			}
