@@ -24,7 +24,9 @@ import (
 // throttle bucket (PutAsync of the window, JSON {"v":1,"start","count"}); a node
 // merges a remote window by taking the larger count of the same window, so
 // an attacker spreading attempts over nodes gains at most a factor of the
-// number of nodes, and usually much less.
+// number of nodes, and usually much less. Records whose window is over are
+// deleted by sweepThrottle (the replicated store then collects their
+// tombstones after its horizon), so typed names do not pile up.
 
 // throttleRecord is the value of throttle/<key>, as JSON.
 type throttleRecord struct {
