@@ -14,8 +14,8 @@ import (
 // collection").
 
 const (
-	gcLeavesPerBatch  = 64               // leaves scanned per collection batch
-	gcMaxBatch        = 1000             // records removed per transaction (Node.mu is held for one)
+	gcLeavesPerBatch  = 16               // leaves scanned per collection batch
+	gcMaxBatch        = 256              // records removed per transaction (Node.mu is held for one)
 	lastSyncPersistMs = 60 * 1000        // the stored last-sync time may lag by this much
 	legacyRetry       = 10 * time.Minute // how long a peer that closed on msgSync gets the digest exchange
 )

@@ -13,7 +13,11 @@
 // (Config.SerialCommit) and with group commit, alternating, medians of
 // several rounds. Every write is fsynced before Put returns in both.
 //
-//	go run ./bench/syncbench [-differ 100] [-writers 16] [-writes 2000] [-rounds 3]
+// Garbage collection: one node deletes 100k records, its clock moves past
+// the horizon, and the bench measures Put latency while the background
+// collector removes the tombstones, against Put latency before.
+//
+//	go run ./bench/syncbench [-differ 100] [-writers 16] [-writes 2000] [-rounds 3] [-only ae|put|gc]
 package main
 
 import (
@@ -42,14 +46,34 @@ func main() {
 	writers := flag.Int("writers", 16, "concurrent writers")
 	writes := flag.Int("writes", 2000, "writes per throughput measurement")
 	rounds := flag.Int("rounds", 3, "throughput rounds (serial and group alternate; medians are printed)")
+	only := flag.String("only", "", "run one part: ae, put or gc (default: all)")
 	flag.Parse()
-	if err := run(*differ, *writers, *writes, *rounds); err != nil {
+	if err := run(*only, *differ, *writers, *writes, *rounds); err != nil {
 		fmt.Fprintln(os.Stderr, "syncbench:", err)
 		os.Exit(1)
 	}
 }
 
-func run(differ, writers, writes, rounds int) error {
+func run(only string, differ, writers, writes, rounds int) error {
+	for _, part := range []struct {
+		name string
+		run  func() error
+	}{
+		{"ae", func() error { return antiEntropyPart(differ) }},
+		{"put", func() error { return putPart(writers, writes, rounds) }},
+		{"gc", gcPart},
+	} {
+		if only == "" || only == part.name {
+			if err := part.run(); err != nil {
+				return err
+			}
+			fmt.Println()
+		}
+	}
+	return nil
+}
+
+func antiEntropyPart(differ int) error {
 	fmt.Printf("anti-entropy, %d differing records: metadata sent by both nodes until they agree\n", differ)
 	fmt.Printf("%-8s %18s %18s %13s %8s %9s %8s %8s\n", "records", "tree", "digest", "full listing", "digest/", "listing/", "tree", "digest")
 	fmt.Printf("%-8s %18s %18s %13s %8s %9s %8s %8s\n", "", "bytes (keys) [ex]", "bytes (keys) [ex]", "bytes", "tree", "tree", "time", "time")
@@ -64,7 +88,11 @@ func run(differ, writers, writes, rounds int) error {
 			tree.took.Round(time.Millisecond), digest.took.Round(time.Millisecond))
 	}
 	fmt.Println("[ex]: completed exchanges (each node starts one when they meet; they may overlap)")
-	fmt.Printf("\nPut throughput (fsync before every ack), %d writes, median of %d rounds\n", writes, rounds)
+	return nil
+}
+
+func putPart(writers, writes, rounds int) error {
+	fmt.Printf("Put throughput (fsync before every ack), %d writes, median of %d rounds\n", writes, rounds)
 	fmt.Printf("%-22s %8s %14s %14s %8s\n", "", "writers", "serial /s", "group /s", "group/serial")
 	for _, c := range []struct {
 		name     string
@@ -91,6 +119,123 @@ func run(differ, writers, writes, rounds int) error {
 		}
 	}
 	return nil
+}
+
+func gcPart() error {
+	fmt.Printf("garbage collection of %d tombstones on one node, Put latency meanwhile\n", gcTombstones)
+	idle, during, took, err := collect()
+	if err != nil {
+		return err
+	}
+	fmt.Printf("%-28s %10s %10s %10s\n", "", "p50", "p99", "max")
+	fmt.Printf("%-28s %10v %10v %10v\n", "Put, no collection running", pct(idle, 50), pct(idle, 99), pct(idle, 100))
+	fmt.Printf("%-28s %10v %10v %10v\n", "Put, collection running", pct(during, 50), pct(during, 99), pct(during, 100))
+	fmt.Printf("collection took %v\n", took.Round(time.Millisecond))
+	return nil
+}
+
+const gcTombstones = 100_000
+
+func pct(d []time.Duration, p int) time.Duration {
+	s := append([]time.Duration(nil), d...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	i := (len(s)*p + 99) / 100
+	if i > 0 {
+		i--
+	}
+	return s[i].Round(10 * time.Microsecond)
+}
+
+// collect deletes gcTombstones records, moves the node's clock past the
+// horizon and measures Put latency while the background collector removes
+// them, and before.
+func collect() (idle, during []time.Duration, took time.Duration, err error) {
+	dir, err := os.MkdirTemp("", "syncbench-")
+	if err != nil {
+		return
+	}
+	defer os.RemoveAll(dir)
+	var offset atomic.Int64
+	cfg, err := config(dir, "solo", func(c *replicator.Config) {
+		c.TombstoneHorizon = 10 * time.Minute // a pass every 25 s; the clock jump below ages the tombstones
+		c.Now = func() time.Time { return time.Now().Add(time.Duration(offset.Load())) }
+	})
+	if err != nil {
+		return
+	}
+	node, err := replicator.Open(cfg)
+	if err != nil {
+		return
+	}
+	defer func() { node.Close() }()
+	if err = load(node, gcTombstones); err != nil {
+		return
+	}
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	for range 64 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= gcTombstones {
+					return
+				}
+				bucket := "accounts"
+				if i%4 == 0 {
+					bucket = "sessions"
+				}
+				if e := node.DeleteAsync(bucket, key(i)); e != nil {
+					err = e
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if err != nil {
+		return
+	}
+	put := func(i int) (time.Duration, error) {
+		start := time.Now()
+		e := node.Put(context.Background(), "other", fmt.Sprintf("p%d", i), []byte("v"))
+		return time.Since(start), e
+	}
+	for i := range 300 {
+		d, e := put(i)
+		if e != nil {
+			return nil, nil, 0, e
+		}
+		idle = append(idle, d)
+	}
+	// Move the clock past the horizon; the next pass collects, while the
+	// bench keeps writing.
+	offset.Store(int64(time.Hour))
+	deadline := time.Now().Add(3 * time.Minute)
+	var start time.Time
+	for i := 300; node.Stats().Tombstones > 0; i++ {
+		if time.Now().After(deadline) {
+			return nil, nil, 0, fmt.Errorf("tombstones not collected within 3 min")
+		}
+		collecting := node.Stats().Tombstones < gcTombstones
+		if collecting && start.IsZero() {
+			start = time.Now()
+		}
+		d, e := put(i)
+		if e != nil {
+			return nil, nil, 0, e
+		}
+		if collecting {
+			during = append(during, d)
+		} else {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	took = time.Since(start)
+	if len(during) == 0 {
+		during = []time.Duration{0}
+	}
+	return idle, during, took, nil
 }
 
 type aeResult struct {
