@@ -83,24 +83,62 @@ func (n *Node) commitBatchLocked(batch []*commitReq) {
 		recs = append(recs, r.recs...)
 	}
 	winners, err := n.mergeLocked(recs)
-	type wk struct {
-		bucket, key string
-		v           Version
+	if err != nil {
+		for _, r := range batch {
+			r.err = err
+		}
+		return
 	}
-	won := make(map[wk]int, len(winners))
+	// Hand each request the winners of its records: by bucket, key and
+	// version; a winner whose version is none of the batch's (a merge that
+	// produced a new record) goes to the last record of its key.
+	type bk struct{ bucket, key string }
+	type wk struct {
+		bk
+		v Version
+	}
+	exact := make(map[wk][]int, len(winners))
+	other := make(map[bk][]int)
+	inBatch := make(map[wk]bool, len(recs))
+	last := make(map[bk]*commitReq, len(recs))
+	for _, r := range batch {
+		for i := range r.recs {
+			k := bk{r.recs[i].Bucket, r.recs[i].Key}
+			inBatch[wk{k, r.recs[i].Version}] = true
+			last[k] = r
+		}
+	}
 	for i := range winners {
 		w := &winners[i]
-		won[wk{w.Bucket, w.Key, w.Version}] = i
+		k := wk{bk{w.Bucket, w.Key}, w.Version}
+		if inBatch[k] {
+			exact[k] = append(exact[k], i)
+		} else {
+			other[k.bk] = append(other[k.bk], i)
+		}
 	}
 	for _, r := range batch {
-		r.err = err
-		if err != nil {
-			continue
-		}
 		for i := range r.recs {
-			if j, ok := won[wk{r.recs[i].Bucket, r.recs[i].Key, r.recs[i].Version}]; ok {
-				r.winners = append(r.winners, winners[j])
+			k := wk{bk{r.recs[i].Bucket, r.recs[i].Key}, r.recs[i].Version}
+			if is := exact[k]; len(is) > 0 {
+				r.winners = append(r.winners, winners[is[0]])
+				exact[k] = is[1:]
+			}
+			if last[k.bk] == r && i == lastIndex(r.recs, k.bk.bucket, k.bk.key) {
+				for _, j := range other[k.bk] {
+					r.winners = append(r.winners, winners[j])
+				}
 			}
 		}
 	}
+}
+
+// lastIndex returns the index of the last record of bucket/key in recs.
+func lastIndex(recs []Record, bucket, key string) int {
+	for i := len(recs) - 1; i >= 0; i-- {
+		if recs[i].Bucket == bucket && recs[i].Key == key {
+			return i
+		}
+	}
+	return -1
 }

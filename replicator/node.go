@@ -78,7 +78,7 @@ type Node struct {
 	gossipDropped atomic.Uint64
 
 	ae      aeState     // anti-entropy and garbage-collection state (gc.go)
-	commits commitQueue // local writes waiting for a transaction (commit.go)
+	commits commitQueue // writes waiting for a transaction (commit.go)
 }
 
 // Member is a node of the circle as seen by this node.
