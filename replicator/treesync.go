@@ -157,10 +157,13 @@ func (n *Node) sendTurn(sc *secureConn, sender string, wants []bucketKeys, items
 	return nil
 }
 
+// maxTurnBytes bounds the metadata of one turn (all its frames).
+const maxTurnBytes = 64 << 20
+
 // recvTurn stores the records that precede the peer's next turn and
-// returns the turn. first expects msgSync (its body already read) and
-// returns the sender.
+// decodes the turn (all its msgTree frames) into t.
 func (n *Node) recvTurn(sc *secureConn, t *treeTurn) error {
+	size := 0
 	for {
 		typ, body, err := sc.recv(ioTimeout)
 		if err != nil {
@@ -172,6 +175,9 @@ func (n *Node) recvTurn(sc *secureConn, t *treeTurn) error {
 				return err
 			}
 		case msgTree:
+			if size += len(body); size > maxTurnBytes {
+				return fmt.Errorf("%w: tree turn larger than %d bytes", errMalformed, maxTurnBytes)
+			}
 			_, more, err := decodeTurnFrame(body, false, t)
 			if err != nil || !more {
 				return err
