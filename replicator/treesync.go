@@ -157,8 +157,9 @@ func (n *Node) sendTurn(sc *secureConn, sender string, wants []bucketKeys, items
 	return nil
 }
 
-// maxTurnBytes bounds the metadata of one turn (all its frames).
-const maxTurnBytes = 64 << 20
+// maxTurnBytes bounds the metadata of one turn (all its frames): memory,
+// not trust (peers hold the secret).
+const maxTurnBytes = 256 << 20 // far above a turn of two nodes with 1M differing keys each
 
 // recvTurn stores the records that precede the peer's next turn and
 // decodes the turn (all its msgTree frames) into t.
