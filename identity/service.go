@@ -58,8 +58,9 @@ type Service struct {
 
 	running atomic.Bool // Start has completed and Close has not been called
 
-	pruneMu   sync.Mutex // guards lastPrune
+	pruneMu   sync.Mutex // guards lastPrune and lastSweep
 	lastPrune time.Time
+	lastSweep time.Time // of the throttle bucket
 
 	runMu   sync.Mutex // guards the following (and serialises Start and Close)
 	stop    chan struct{}
@@ -231,7 +232,7 @@ const maxPrunePerRun = 1000
 // maintain rotates the signing key when it is older than KeyRotation and,
 // at most every pruneInterval, prunes state that can no longer matter
 // (retired keys, revocations and sessions past their expiry, old invites,
-// finished throttle windows).
+// finished throttle windows, every half window: sweepThrottle).
 func (s *Service) maintain(ctx context.Context) {
 	now := s.cfg.Now()
 	s.keysMu.RLock()
@@ -244,6 +245,7 @@ func (s *Service) maintain(ctx context.Context) {
 	}
 	s.pruneKeys(ctx, now) // cheap (in memory); keeps the JWKS current
 	s.thr.prune(now)
+	s.sweepThrottle(ctx, now)
 	s.pruneMu.Lock()
 	due := s.lastPrune.IsZero() || !now.Before(s.lastPrune.Add(pruneInterval)) || now.Before(s.lastPrune)
 	if due {

@@ -1,6 +1,7 @@
 package identity
 
 import (
+	"context"
 	"encoding/json"
 	"net/netip"
 	"sync"
@@ -23,7 +24,9 @@ import (
 // throttle bucket (PutAsync of the window, JSON {"v":1,"start","count"}); a node
 // merges a remote window by taking the larger count of the same window, so
 // an attacker spreading attempts over nodes gains at most a factor of the
-// number of nodes, and usually much less.
+// number of nodes, and usually much less. Records whose window is over are
+// deleted by sweepThrottle (the replicated store then collects their
+// tombstones after its horizon), so typed names do not pile up.
 
 // throttleRecord is the value of throttle/<key>, as JSON.
 type throttleRecord struct {
@@ -164,4 +167,40 @@ func (s *Service) onThrottleEvent(key string, value []byte, deleted bool) {
 		return
 	}
 	s.thr.merge(key, r, s.cfg.Now())
+}
+
+// sweepThrottle deletes, at most every half ThrottleWindow and
+// maxPrunePerRun at a time, the throttle records whose window is over
+// (and resets and undecodable values): anyone on the internet creates one
+// per typed username or IP. Deleted, they become tombstones that the
+// replicated store collects after its horizon. Every node sweeps; a record
+// deleted twice is harmless.
+func (s *Service) sweepThrottle(ctx context.Context, now time.Time) {
+	s.pruneMu.Lock()
+	due := s.lastSweep.IsZero() || !now.Before(s.lastSweep.Add(s.cfg.ThrottleWindow/2)) || now.Before(s.lastSweep)
+	if due {
+		s.lastSweep = now
+	}
+	s.pruneMu.Unlock()
+	if !due {
+		return
+	}
+	entries, err := s.store.List(bucketThrottle, "")
+	if err != nil {
+		s.log.Warn("listing throttle records", "error", err)
+		return
+	}
+	n := 0
+	for _, e := range entries {
+		var r throttleRecord
+		if err := json.Unmarshal(e.Value, &r); err == nil && r.Count > 0 && now.Before(r.Start.Add(s.cfg.ThrottleWindow)) {
+			continue // a window still counting
+		}
+		if n++; n > maxPrunePerRun || ctx.Err() != nil {
+			return
+		}
+		if err := s.store.Delete(ctx, bucketThrottle, e.Key); err != nil {
+			s.log.Warn("deleting a stale throttle record", "key", e.Key, "error", err)
+		}
+	}
 }

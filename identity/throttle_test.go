@@ -168,3 +168,33 @@ func TestThrottleMergeAndPrune(t *testing.T) {
 		}
 	}
 }
+
+// TestThrottleRecordsExpire: throttle records (one per typed username or
+// IP, from anyone on the internet) are removed from the store once their
+// window is over, so they become tombstones the replicator collects.
+func TestThrottleRecordsExpire(t *testing.T) {
+	ctx := context.Background()
+	clock := newClock()
+	store := NewMemStore()
+	s := newTestService(t, store, clock, func(c *Config) { c.AccountFailures, c.IPFailures = 100, 100 })
+	for i := range 5 {
+		if _, err := s.Login(ctx, fmt.Sprintf("nobody-%d", i), "wrong-pass", fmt.Sprintf("192.0.2.%d", i)); !errors.Is(err, ErrBadCredentials) {
+			t.Fatalf("attempt %d: %v", i, err)
+		}
+	}
+	recs, err := store.List(bucketThrottle, "")
+	if err != nil || len(recs) != 10 {
+		t.Fatalf("throttle records before expiry: %d, %v (want 10)", len(recs), err)
+	}
+	// Within the window they stay.
+	clock.Advance(s.cfg.ThrottleWindow / 2)
+	s.maintain(ctx)
+	if recs, _ := store.List(bucketThrottle, ""); len(recs) != 10 {
+		t.Fatalf("%d throttle records inside the window, want 10", len(recs))
+	}
+	clock.Advance(s.cfg.ThrottleWindow)
+	s.maintain(ctx)
+	if recs, _ := store.List(bucketThrottle, ""); len(recs) != 0 {
+		t.Fatalf("%d throttle records left after their window ended (never removed)", len(recs))
+	}
+}

@@ -26,6 +26,8 @@ func (n *Node) kickAntiEntropy(peer string) {
 // with a given peer when kicked (a node joined).
 func (n *Node) antiEntropyLoop() {
 	defer n.wg.Done()
+	n.wg.Add(1) // counted while this goroutine is: Close waits for both
+	go n.gcLoop()
 	t := time.NewTicker(n.cfg.AntiEntropyInterval)
 	defer t.Stop()
 	for {
@@ -55,11 +57,56 @@ func (n *Node) aeDone(peer string) {
 	n.statsMu.Unlock()
 }
 
-// syncWith runs one anti-entropy exchange with peer, as the dialer (see the
-// conversation in wire.go).
+// syncWith runs one anti-entropy exchange with peer, as the dialer: the
+// tree exchange (wiretree.go), or the digest exchange (wire.go) with a peer
+// that closed the stream on msgSync (an earlier release) in the last
+// legacyRetry.
 func (n *Node) syncWith(peer *peerRef) error {
 	ctx, cancel := context.WithTimeout(n.ctx, aeTimeout)
 	defer cancel()
+	if pw, ok := n.peerCaps(peer.Name); ok && !pw.Caps.has(capMerkle) {
+		return n.syncDigestWith(ctx, peer) // it said it does not serve the tree exchange
+	}
+	if !n.cfg.DigestExchangeOnly && !n.isLegacy(peer.Name) {
+		sc, err := n.dial(ctx, peer)
+		if err != nil {
+			return err
+		}
+		answered, err := n.syncTree(sc, peer.Name)
+		n.dropConn(sc)
+		if answered || err == nil || ctx.Err() != nil {
+			return err
+		}
+		n.log.Debug("peer did not answer the tree exchange; trying the digest exchange", "peer", peer.Name, "error", err)
+		if err := n.syncDigestWith(ctx, peer); err != nil {
+			return err
+		}
+		n.setLegacy(peer.Name)
+		n.log.Info("peer speaks only the digest exchange (an earlier release)", "peer", peer.Name)
+		return nil
+	}
+	return n.syncDigestWith(ctx, peer)
+}
+
+// isLegacy reports whether peer recently answered only the digest exchange.
+func (n *Node) isLegacy(peer string) bool {
+	n.ae.mu.Lock()
+	defer n.ae.mu.Unlock()
+	return time.Now().Before(n.ae.legacy[peer])
+}
+
+func (n *Node) setLegacy(peer string) {
+	n.ae.mu.Lock()
+	defer n.ae.mu.Unlock()
+	if n.ae.legacy == nil {
+		n.ae.legacy = make(map[string]time.Time)
+	}
+	n.ae.legacy[peer] = time.Now().Add(legacyRetry)
+}
+
+// syncDigestWith runs the digest exchange (wire.go) with peer as the
+// dialer.
+func (n *Node) syncDigestWith(ctx context.Context, peer *peerRef) error {
 	sc, err := n.dial(ctx, peer)
 	if err != nil {
 		return err
@@ -68,8 +115,10 @@ func (n *Node) syncWith(peer *peerRef) error {
 
 	n.mu.Lock()
 	digest := n.ix.digest()
-	n.mu.Unlock()
-	body, err := exchange(ctx, sc, encodeDigest(n.cfg.Name, digest), msgRanges)
+	n.mu.Unlock() // digest reads only the bucket roots
+	dmsg := encodeDigest(n.cfg.Name, digest)
+	n.countMeta(dmsg, 0)
+	body, err := exchange(ctx, sc, dmsg, msgRanges)
 	if err != nil {
 		return err
 	}
@@ -85,12 +134,12 @@ func (n *Node) syncWith(peer *peerRef) error {
 	// Our entries in every range whose hash differs.
 	var sums []bucketSummary
 	more, size := false, 0
-	n.mu.Lock()
+	bk := n.buckets()
 	for _, br := range theirs {
 		if checkBucket(br.bucket) != nil {
 			continue
 		}
-		mine := n.ix.rangeHashes(br.bucket)
+		mine := bk[br.bucket].rangeHashes()
 		bs := bucketSummary{bucket: br.bucket}
 		for r := range numRanges {
 			if mine[r] == br.hashes[r] {
@@ -100,7 +149,7 @@ func (n *Node) syncWith(peer *peerRef) error {
 				more = true
 				break
 			}
-			es := n.ix.entries(br.bucket, byte(r))
+			es := bk[br.bucket].entriesIn(2, uint64(r))
 			for _, e := range es {
 				size += len(e.key) + len(e.m.v.Node) + 12
 			}
@@ -110,8 +159,14 @@ func (n *Node) syncWith(peer *peerRef) error {
 			sums = append(sums, bs)
 		}
 	}
-	n.mu.Unlock()
-	if err := sc.send(encodeSummary(more, sums)); err != nil {
+	smsg, nkeys := encodeSummary(more, sums), 0
+	for _, bs := range sums {
+		for _, rs := range bs.ranges {
+			nkeys += len(rs.entries)
+		}
+	}
+	n.countMeta(smsg, nkeys)
+	if err := sc.send(smsg); err != nil {
 		return err
 	}
 
@@ -163,9 +218,12 @@ func (n *Node) serveAntiEntropy(sc *secureConn, body []byte) error {
 	}
 	var out []bucketRanges
 	n.mu.Lock()
-	for _, d := range n.ix.digest() {
+	mine := n.ix.digest()
+	bk := n.ix.snapshot()
+	n.mu.Unlock()
+	for _, d := range mine {
 		if roots[d.bucket] != d.root {
-			out = append(out, bucketRanges{bucket: d.bucket, hashes: n.ix.rangeHashes(d.bucket)})
+			out = append(out, bucketRanges{bucket: d.bucket, hashes: bk[d.bucket].rangeHashes()})
 		}
 		delete(roots, d.bucket)
 	}
@@ -174,8 +232,9 @@ func (n *Node) serveAntiEntropy(sc *secureConn, body []byte) error {
 			out = append(out, bucketRanges{bucket: b})
 		}
 	}
-	n.mu.Unlock()
-	if err := sc.send(encodeRanges(out)); err != nil {
+	rmsg := encodeRanges(out)
+	n.countMeta(rmsg, 0)
+	if err := sc.send(rmsg); err != nil {
 		return err
 	}
 	if len(out) == 0 {
@@ -195,12 +254,14 @@ func (n *Node) serveAntiEntropy(sc *secureConn, body []byte) error {
 		return err
 	}
 	var give, want []bucketKeys
-	n.mu.Lock()
+	bk = n.buckets()
+	collectable := n.horizonMs() // tombstones older are collected: not worth a trip where absent
+	old := func(m meta) bool { return m.deleted && m.v.Time>>16 < collectable }
 	for _, bs := range sums {
 		fww := n.fww[bs.bucket]
 		g, w := bucketKeys{bucket: bs.bucket}, bucketKeys{bucket: bs.bucket}
 		for _, rs := range bs.ranges {
-			mine := n.ix.entries(bs.bucket, rs.r)
+			mine := bk[bs.bucket].entriesIn(2, uint64(rs.r))
 			mineBy := make(map[string]meta, len(mine))
 			for _, e := range mine {
 				mineBy[e.key] = e.m
@@ -208,12 +269,12 @@ func (n *Node) serveAntiEntropy(sc *secureConn, body []byte) error {
 			theirsBy := make(map[string]meta, len(rs.entries))
 			for _, e := range rs.entries {
 				theirsBy[e.key] = e.m
-				if m, ok := mineBy[e.key]; !ok || beats(fww, e.m, m) {
+				if m, ok := mineBy[e.key]; (!ok && !old(e.m)) || (ok && beats(fww, e.m, m)) {
 					w.keys = append(w.keys, e.key)
 				}
 			}
 			for _, e := range mine {
-				if t, ok := theirsBy[e.key]; !ok || beats(fww, e.m, t) {
+				if t, ok := theirsBy[e.key]; (!ok && !old(e.m)) || (ok && beats(fww, e.m, t)) {
 					g.keys = append(g.keys, e.key)
 				}
 			}
@@ -225,11 +286,15 @@ func (n *Node) serveAntiEntropy(sc *secureConn, body []byte) error {
 			want = append(want, w)
 		}
 	}
-	n.mu.Unlock()
 	if err := n.sendRecords(sc, give); err != nil {
 		return err
 	}
-	if err := sc.send(encodeWant(want)); err != nil {
+	wmsg, nkeys := encodeWant(want), 0
+	for _, w := range want {
+		nkeys += len(w.keys)
+	}
+	n.countMeta(wmsg, nkeys)
+	if err := sc.send(wmsg); err != nil {
 		return err
 	}
 	for {

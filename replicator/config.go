@@ -18,6 +18,7 @@ const (
 	DefaultAckTimeout          = 5 * time.Second
 	DefaultAntiEntropyInterval = 5 * time.Second
 	DefaultMaxClockSkew        = time.Minute
+	DefaultTombstoneHorizon    = 72 * time.Hour
 )
 
 // Config configures a Node. Zero values of optional fields mean the default
@@ -61,6 +62,27 @@ type Config struct {
 	// AntiEntropyInterval is the period of digest exchange with one random
 	// peer. Default 5s.
 	AntiEntropyInterval time.Duration
+
+	// TombstoneHorizon is how long a tombstone (a deleted record) is kept:
+	// older ones are removed from disk and index by a background collector,
+	// once this node has completed an anti-entropy exchange after the
+	// delete. A node whose last exchange is older than the horizon resyncs
+	// fully when it returns (docs/INTERNALS.md, "Garbage collection").
+	// Default 72h.
+	TombstoneHorizon time.Duration
+
+	// DigestExchangeOnly makes the node behave like a release from before
+	// the tree exchange (anti-entropy proportional to the difference): it
+	// syncs only by the digest exchange and closes a stream that starts the
+	// tree exchange. For tests and benchmarks of mixed-release circles;
+	// default false.
+	DigestExchangeOnly bool
+
+	// SerialCommit commits every local write in its own transaction (one
+	// fsync each), as releases before group commit did, instead of one
+	// transaction for all the writes that wait at the same time. For
+	// benchmarks; default false.
+	SerialCommit bool
 
 	// FirstWriterWins names buckets where, between two live records, the
 	// EARLIER version wins (a Put over an existing live key is ignored).
@@ -114,6 +136,7 @@ func DefaultConfig() Config {
 		AckTimeout:          DefaultAckTimeout,
 		AntiEntropyInterval: DefaultAntiEntropyInterval,
 		MaxClockSkew:        DefaultMaxClockSkew,
+		TombstoneHorizon:    DefaultTombstoneHorizon,
 	}
 }
 
@@ -173,6 +196,9 @@ func (cfg Config) withDefaults() (Config, error) {
 	}
 	if cfg.MaxClockSkew == 0 {
 		cfg.MaxClockSkew = DefaultMaxClockSkew
+	}
+	if cfg.TombstoneHorizon <= 0 {
+		cfg.TombstoneHorizon = DefaultTombstoneHorizon
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)

@@ -79,6 +79,9 @@ type Node struct {
 	aeSent        atomic.Uint64
 	aeReceived    atomic.Uint64
 	gossipDropped atomic.Uint64
+
+	ae      aeState     // anti-entropy and garbage-collection state (gc.go)
+	commits commitQueue // writes waiting for a transaction (commit.go)
 }
 
 // Member is a node of the circle as seen by this node.
@@ -114,6 +117,12 @@ type Stats struct {
 	GossipDropped       uint64    `json:"gossip_dropped"`   // gossiped records dropped because the apply queue was full
 	SkewRefused         uint64    `json:"skew_refused"`     // remote records refused as too far ahead of our clock (each offer counts)
 	KeptAside           int       `json:"kept_aside"`       // refused records held until our clock catches up
+
+	AntiEntropyMetaBytes uint64    `json:"anti_entropy_meta_bytes"` // anti-entropy metadata (digests, hashes, key listings, wants) sent, in bytes
+	AntiEntropyMetaKeys  uint64    `json:"anti_entropy_meta_keys"`  // keys listed in that metadata
+	TombstonesCollected  uint64    `json:"tombstones_collected"`    // tombstones removed after Config.TombstoneHorizon
+	ResyncDropped        uint64    `json:"resync_dropped"`          // records dropped by a resync after the horizon (deleted elsewhere meanwhile)
+	LastSync             time.Time `json:"last_sync"`               // start of the last completed tree exchange (persisted); zero if none
 }
 
 // Open opens the store in cfg.DataDir, starts memberlist on cfg.BindAddr and
@@ -444,24 +453,7 @@ func (n *Node) writeLocal(bucket, key string, value []byte, deleted bool) (Recor
 	if !deleted {
 		rec.Value = append([]byte{}, value...)
 	}
-	n.mu.Lock()
-	defer n.mu.Unlock()
-	rec.Version = Version{Time: n.clock.next(), Node: n.cfg.Name}
-	if cur, ok := n.ix.get(bucket, key); ok && !n.fww[bucket] && !beats(false, rec.meta(), cur) {
-		// The stored version is ahead of our clock (stepped back since, or
-		// stored by an older build): follow it if it is within the
-		// maximum skew, else the write would be lost to it.
-		if !n.clock.observe(cur.v.Time) {
-			return rec, false, fmt.Errorf("%w: the stored version %v is ahead of this node's clock by more than %v",
-				ErrClockSkew, cur.v, n.cfg.MaxClockSkew)
-		}
-		rec.Version.Time = n.clock.next()
-	}
-	w, err := n.mergeLocked([]Record{rec})
-	if err != nil || len(w) == 0 {
-		return rec, false, err
-	}
-	return w[0], true, nil // in a merge bucket, the join with the stored value
+	return n.commitLocal(rec) // commit.go: group commit (and the clock-skew check of a local write)
 }
 
 // applyRemote merges records received from peers; rebroadcast re-gossips
@@ -475,10 +467,7 @@ func (n *Node) applyRemote(recs []Record, rebroadcast bool) error {
 // node accepted (stored, or older than what it stores); the others were
 // refused for clock skew and kept aside (skew.go).
 func (n *Node) applyRemoteHeld(recs []Record, rebroadcast bool) (int, error) {
-	n.mu.Lock()
-	recs = n.screenLocked(recs)
-	winners, err := n.mergeLocked(recs)
-	n.mu.Unlock()
+	winners, held, err := n.commitRemote(recs) // commit.go: group commit
 	if err != nil {
 		return 0, err
 	}
@@ -487,7 +476,7 @@ func (n *Node) applyRemoteHeld(recs []Record, rebroadcast bool) (int, error) {
 			n.broadcast(w)
 		}
 	}
-	return len(recs), nil
+	return held, nil
 }
 
 // mergeLocked merges recs into the store in one fsynced transaction and
@@ -543,7 +532,7 @@ func (n *Node) Stats() Stats {
 	n.statsMu.Lock()
 	last, peer := n.lastAE, n.lastAEPeer
 	n.statsMu.Unlock()
-	return Stats{
+	s := Stats{
 		Records:             live,
 		Tombstones:          dead,
 		Buckets:             buckets,
@@ -562,6 +551,8 @@ func (n *Node) Stats() Stats {
 		SkewRefused:         n.skew.refused.Load(),
 		KeptAside:           aside,
 	}
+	n.aeStats(&s)
+	return s
 }
 
 // numMembers is the node count for the broadcast queue.

@@ -387,6 +387,11 @@ func (n *Node) serveStream(c net.Conn) {
 			if err := sc.send(e.b); err != nil {
 				return
 			}
+		case msgSync:
+			if err := n.serveTree(sc, body); err != nil {
+				n.log.Debug("tree exchange (serving) failed", "remote", c.RemoteAddr().String(), "error", err)
+				return
+			}
 		case msgDigest:
 			if err := n.serveAntiEntropy(sc, body); err != nil {
 				n.log.Debug("anti-entropy (serving) failed", "remote", c.RemoteAddr().String(), "error", err)

@@ -59,10 +59,11 @@ const (
 	// msgUnknown and ignores unknown gossip types. Every node of this
 	// release and later has it.
 	capTolerant wireCaps = 1 << 0
-	// capMerkle is reserved for the Merkle-tree anti-entropy exchange:
-	// a node advertises it once it serves that exchange; a dialer uses
-	// the exchange only with peers that have it and falls back to the
-	// digest exchange (msgDigest) otherwise or on msgUnknown.
+	// capMerkle: the node serves the tree anti-entropy exchange
+	// (msgSync, wiretree.go). A dialer skips the exchange with a peer
+	// known to lack it, and falls back to the digest exchange (msgDigest)
+	// when it fails (a b4e49ea peer, whose capabilities are unknown,
+	// closes the stream on msgSync).
 	capMerkle wireCaps = 1 << 1
 	// capNextProbe is the test-only exchange of the next-wire profile
 	// (msgNextProbe).
@@ -82,14 +83,14 @@ type wireProfile struct {
 
 var (
 	// currentWire is this release.
-	currentWire = wireProfile{min: 1, max: 1, caps: capTolerant}
+	currentWire = wireProfile{min: 1, max: 1, caps: capTolerant | capMerkle}
 	// nextWire plays the next release in tests and in the fault suite
 	// (build tag circle_nextwire, or Config.wire): it speaks version 2
 	// with another node of its kind, has a capability this release does
 	// not know, sends a request type this release does not know to every
 	// peer that negotiates, and gossips an unknown message type and
 	// version-2 record messages with an optional trailing field.
-	nextWire = wireProfile{min: 1, max: 2, caps: capTolerant | capNextProbe, extras: true}
+	nextWire = wireProfile{min: 1, max: 2, caps: capTolerant | capMerkle | capNextProbe, extras: true}
 	// legacyWire plays b4e49ea's handshake in tests.
 	legacyWire = wireProfile{min: 1, max: 1, legacy: true}
 )

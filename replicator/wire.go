@@ -48,6 +48,8 @@ import (
 //	                str node name | later fields (ignored); only after
 //	                tagged hellos (version.go)
 //	msgUnknown  12  u8 type: the reply to a request of an unknown type
+//	msgSync     13  the tree exchange, see wiretree.go
+//	msgTree     14  the tree exchange, see wiretree.go
 //
 // Gossip messages are memberlist user messages, encrypted and authenticated
 // by memberlist with its keyring (SecretKey = HKDF-SHA256(secret, nil,
@@ -278,7 +280,7 @@ func header(msg []byte) (byte, []byte, error) {
 	if err != nil {
 		return 0, nil, err
 	}
-	if typ < msgHello || typ > msgUnknown {
+	if typ < msgHello || typ > msgTree {
 		return 0, nil, fmt.Errorf("%w %d", errUnknownType, typ)
 	}
 	return typ, body, nil
@@ -358,6 +360,8 @@ func decodeMessage(msg []byte) (byte, error) {
 		d := &dec{b: body}
 		d.str(maxNodeName)
 		err = d.end()
+	case msgSync, msgTree:
+		_, _, err = decodeTurnFrame(body, typ == msgSync, &treeTurn{})
 	case msgEnd:
 		if len(body) != 0 {
 			err = fmt.Errorf("%w: end with a body", errMalformed)

@@ -167,7 +167,7 @@ func FuzzDecode(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, msg []byte) {
 		typ, err := decodeMessage(msg)
-		if err == nil && (typ < msgHello || typ > msgUnknown) {
+		if err == nil && (typ < msgHello || typ > msgTree) {
 			t.Fatalf("accepted type %d", typ)
 		}
 		decodeStored(msg)
