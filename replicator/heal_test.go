@@ -49,17 +49,26 @@ func aliveNames(n *Node) string {
 	return strings.Join(s, ",")
 }
 
-// waitSplit waits until each node of each side sees exactly its side alive.
+// waitSplit waits until no node sees a node of another side alive or
+// suspect.
 func waitSplit(t *testing.T, sides ...[]*Node) {
 	t.Helper()
 	waitFor(t, 20*time.Second, "both sides see each other dead", func() bool { return isSplit(sides...) })
 }
 
 func isSplit(sides ...[]*Node) bool {
-	for _, side := range sides {
-		for _, n := range side {
-			if aliveCount(n) != len(side) {
-				return false
+	side := map[string]int{}
+	for i, s := range sides {
+		for _, n := range s {
+			side[n.Name()] = i
+		}
+	}
+	for i, s := range sides {
+		for _, n := range s {
+			for _, m := range n.Members() {
+				if j, ok := side[m.Name]; ok && j != i && (m.State == "alive" || m.State == "suspect") {
+					return false
+				}
 			}
 		}
 	}
@@ -212,3 +221,4 @@ func TestHealRemembersPeersAcrossRestart(t *testing.T) {
 	took := waitMerged(t, []*Node{b, c}, map[string]string{"from-c": "c"})
 	t.Logf("merged %v after the restart", took.Round(time.Millisecond))
 }
+
