@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/memberlist"
+	bolt "go.etcd.io/bbolt"
 )
 
 // healBound is how long after connectivity returns a split circle may take
@@ -222,3 +223,35 @@ func TestHealRemembersPeersAcrossRestart(t *testing.T) {
 	t.Logf("merged %v after the restart", took.Round(time.Millisecond))
 }
 
+// TestKnownMembersStored: the last known addresses of the other members
+// are stored in the meta bucket; a file without them (an older build) or
+// with an unreadable entry opens with none.
+func TestKnownMembersStored(t *testing.T) {
+	nodes := cluster(t, 2, nil)
+	a, b := nodes[0], nodes[1]
+	waitFor(t, 10*time.Second, "n0 stores n1's address", func() bool {
+		known, err := loadKnown(a.db)
+		return err == nil && known["n1"] == b.Addr() && len(known) == 1
+	})
+
+	dir := t.TempDir()
+	db, err := openDB(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if known, err := loadKnown(db); err != nil || len(known) != 0 {
+		t.Fatalf("no entry: %v, %v", known, err)
+	}
+	if err := db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bktMeta).Put(keyPeers, []byte("{not json")) }); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+	cfg := testConfig(t, dir, "x")
+	cfg.DataDir = dir
+	n := open(t, cfg)
+	n.membersMu.Lock()
+	defer n.membersMu.Unlock()
+	if len(n.known) != 0 {
+		t.Fatalf("unreadable entry gave %v", n.known)
+	}
+}

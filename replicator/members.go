@@ -149,6 +149,7 @@ func (e events) NotifyJoin(m *memberlist.Node) {
 	}
 	n.membersMu.Lock()
 	n.members[m.Name] = &memberInfo{addr: m.Address(), state: "alive", lastAck: time.Now()}
+	n.rememberLocked(m.Name, m.Address())
 	n.membersMu.Unlock()
 	n.log.Info("node joined", "node", m.Name, "addr", m.Address())
 	n.kickAntiEntropy(m.Name)
@@ -164,6 +165,7 @@ func (e events) NotifyLeave(m *memberlist.Node) {
 	if mi == nil {
 		mi = &memberInfo{addr: m.Address()}
 		n.members[m.Name] = mi
+		n.rememberLocked(m.Name, m.Address())
 	}
 	if mi.state != "left" {
 		mi.state = "dead"
@@ -180,6 +182,7 @@ func (e events) NotifyUpdate(m *memberlist.Node) {
 	if mi := n.members[m.Name]; mi != nil {
 		mi.addr = m.Address()
 	}
+	n.rememberLocked(m.Name, m.Address()) // an advertised address change
 	n.membersMu.Unlock()
 }
 

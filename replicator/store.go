@@ -15,12 +15,16 @@ import (
 //
 //	meta            "hlc"  -> u64 last HLC timestamp issued or observed
 //	                "name" -> the node name that last opened the file
+//	                "peers" -> JSON {"node name": "host:port"}: the last known
+//	                           address of every other node ever seen (heal.go);
+//	                           absent in files of older builds
 //	data / <bucket> <key>  -> encodeStored(record)
 var (
-	bktMeta = []byte("meta")
-	bktData = []byte("data")
-	keyHLC  = []byte("hlc")
-	keyName = []byte("name")
+	bktMeta  = []byte("meta")
+	bktData  = []byte("data")
+	keyHLC   = []byte("hlc")
+	keyName  = []byte("name")
+	keyPeers = []byte("peers")
 )
 
 // DBFile is the name of the bbolt file in Config.DataDir.
