@@ -51,7 +51,7 @@ func (s *Storage) alivePeers() int {
 	n := 0
 	self := s.node.Name()
 	for _, m := range s.node.Members() {
-		if m.Name != self && m.State == "alive" {
+		if m.Name != self && m.State == replicator.StateAlive {
 			n++
 		}
 	}

@@ -43,7 +43,7 @@ func hostSeed(t *testing.T, n *Node) string {
 func aliveNames(n *Node) string {
 	var s []string
 	for _, m := range n.Members() {
-		if m.State == "alive" {
+		if m.State == StateAlive {
 			s = append(s, m.Name)
 		}
 	}
@@ -67,7 +67,7 @@ func isSplit(sides ...[]*Node) bool {
 	for i, s := range sides {
 		for _, n := range s {
 			for _, m := range n.Members() {
-				if j, ok := side[m.Name]; ok && j != i && (m.State == "alive" || m.State == "suspect") {
+				if j, ok := side[m.Name]; ok && j != i && (m.State == StateAlive || m.State == StateSuspect) {
 					return false
 				}
 			}

@@ -83,8 +83,19 @@ type Node struct {
 type Member struct {
 	Name  string
 	Addr  string // host:port of its gossip endpoint
-	State string // "alive", "suspect", "dead" or "left"
+	State MemberState
 }
+
+// MemberState is what a node knows of a member's liveness (see Members).
+type MemberState string
+
+// The member states.
+const (
+	StateAlive   MemberState = "alive"   // in contact, answering direct probes
+	StateSuspect MemberState = "suspect" // still listed, but no direct probe answered for a while
+	StateDead    MemberState = "dead"    // gone without notice
+	StateLeft    MemberState = "left"    // announced that it leaves
+)
 
 // Stats are counters and state for monitoring.
 type Stats struct {
