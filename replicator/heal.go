@@ -28,11 +28,10 @@ import (
 //
 // An attempt is a memberlist Join (a push/pull of the member lists) from
 // this node, whatever else it is in contact with: that is what merges two
-// halves that both have live members. When each half believes the other
-// dead, the first push/pull only makes the far node refute its death (it
-// answers before merging, with its old incarnation, which we ignore), so
-// an attempt that reached its target but did not make it alive joins it
-// once more right away: the second exchange carries the new incarnations.
+// halves that both have live members. memberlist forgets a dead node once
+// GossipToTheDeadTime has passed, so after a long split the members of the
+// other half are new to each side and one exchange merges the lists; after
+// a shorter one memberlist's own gossip to the dead still reaches them.
 
 const (
 	healTick           = 500 * time.Millisecond // how often the heal loop looks at its targets
@@ -164,9 +163,6 @@ func (n *Node) reachMember(name, addr string) (reached, done bool) {
 		return false, false
 	}
 	if !n.liveNodes()[name] {
-		n.join(target) // refuted deaths travel in the second exchange (see above)
-	}
-	if !n.liveNodes()[name] {
 		return true, false
 	}
 	n.log.Info("rejoined a member", "node", name, "addr", addr, "members", n.numMembers())
@@ -191,9 +187,6 @@ func (n *Node) reachSeed(seed string) (reached, done bool) {
 		if err := n.join(a); err != nil {
 			last = err
 			continue
-		}
-		if !n.inContact(addrs) {
-			n.join(a) // refuted deaths travel in the second exchange (see above)
 		}
 		if n.inContact(addrs) {
 			n.log.Info("joined through a seed", "seed", seed, "addr", a, "members", n.numMembers())

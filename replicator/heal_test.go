@@ -255,3 +255,41 @@ func TestKnownMembersStored(t *testing.T) {
 		t.Fatalf("unreadable entry gave %v", n.known)
 	}
 }
+
+// TestKnownMembersFollowAddress: when a member comes back at another
+// address, the address stored for it follows.
+func TestKnownMembersFollowAddress(t *testing.T) {
+	dir := t.TempDir()
+	aCfg := testConfig(t, dir, "a")
+	aCfg.tune = healTune
+	a := open(t, aCfg)
+	bCfg := testConfig(t, dir, "b")
+	bCfg.tune = healTune
+	bCfg.Join = []string{a.Addr()}
+	b, err := Open(bCfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitConverged(t, a, b)
+	old := b.Addr()
+	stored := func() string {
+		known, err := loadKnown(a.db)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return known["b"]
+	}
+	waitFor(t, 10*time.Second, "b's address stored", func() bool { return stored() == old })
+	if err := b.shutdown(false); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 20*time.Second, "b dead on a", func() bool { return aliveCount(a) == 1 })
+	holdsFor(t, pastTheDead, "b dead on a", func() bool { return aliveCount(a) == 1 }) // past DeadNodeReclaimTime
+
+	b2 := open(t, bCfg) // port 0: another address
+	waitConverged(t, a, b2)
+	if b2.Addr() == old {
+		t.Fatalf("b came back at its old address %s", old)
+	}
+	waitFor(t, 10*time.Second, "b's new address stored", func() bool { return stored() == b2.Addr() })
+}
