@@ -242,17 +242,24 @@ func TestKnownMembersStored(t *testing.T) {
 	if known, err := loadKnown(db); err != nil || len(known) != 0 {
 		t.Fatalf("no entry: %v, %v", known, err)
 	}
-	if err := db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bktMeta).Put(keyPeers, []byte("{not json")) }); err != nil {
-		t.Fatal(err)
+	for _, bad := range []string{"{not json", "null"} {
+		if err := db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bktMeta).Put(keyPeers, []byte(bad)) }); err != nil {
+			t.Fatal(err)
+		}
+		known, _ := loadKnown(db)
+		if known == nil || len(known) != 0 {
+			t.Fatalf("entry %q gave %#v", bad, known)
+		}
+		known["y"] = "127.0.0.1:1" // usable
 	}
 	db.Close()
 	cfg := testConfig(t, dir, "x")
 	cfg.DataDir = dir
-	n := open(t, cfg)
+	n := open(t, cfg) // opens with the unusable entry
 	n.membersMu.Lock()
 	defer n.membersMu.Unlock()
 	if len(n.known) != 0 {
-		t.Fatalf("unreadable entry gave %v", n.known)
+		t.Fatalf("unusable entry gave %v", n.known)
 	}
 }
 
