@@ -93,7 +93,7 @@ func (n *Node) healRound() {
 	members := map[string]string{}
 	n.membersMu.Lock()
 	for name, addr := range n.known {
-		if !live[name] {
+		if name != n.cfg.Name && !live[name] { // (a data dir once used under another name may list this one)
 			members["member "+name] = addr
 		}
 	}
@@ -226,6 +226,9 @@ func (n *Node) inContact(addrs []string) bool {
 // logFailure logs a failed attempt: the first of a series at info (at warn
 // when this node is alone), the later ones at debug.
 func (n *Node) logFailure(key, msg string, args ...any) {
+	if n.ctx.Err() != nil {
+		return // closing: the attempt failed because memberlist stopped
+	}
 	n.heal.mu.Lock()
 	first := n.heal.target(key).failures == 0
 	n.heal.mu.Unlock()
@@ -260,8 +263,8 @@ func resolveSeed(ctx context.Context, seed string, defaultPort int) ([]string, e
 	return out, nil
 }
 
-// remember records name's address as its last known one (from memberlist's
-// event callbacks: must not block). n.membersMu must be held.
+// rememberLocked records name's address as its last known one (called from
+// memberlist's event callbacks: must not block). n.membersMu must be held.
 func (n *Node) rememberLocked(name, addr string) {
 	if name == n.cfg.Name || addr == "" || n.known[name] == addr {
 		return
@@ -301,7 +304,7 @@ func loadKnown(db *bolt.DB) (map[string]string, error) {
 		}
 		return nil
 	})
-	if err != nil {
+	if err != nil || known == nil { // known is nil after a stored "null"
 		return map[string]string{}, err
 	}
 	return known, nil
