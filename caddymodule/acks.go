@@ -8,7 +8,6 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/homecircle/circle/caddymodule/circlenode"
 	"github.com/homecircle/circle/replicator"
 )
 
@@ -50,6 +49,3 @@ func (s *Storage) putAll(ctx context.Context, bucket, key string, value []byte, 
 	}
 	return err
 }
-
-// alivePeers counts the other alive members of the circle.
-func (s *Storage) alivePeers() int { return circlenode.AlivePeers(s.node) }

@@ -16,6 +16,7 @@ import (
 
 	"github.com/homecircle/circle/identity"
 	"github.com/homecircle/circle/relay"
+	"github.com/homecircle/circle/replicator"
 )
 
 func init() {
@@ -279,7 +280,7 @@ func (a *adminAPI) handleStatus(w http.ResponseWriter, r *http.Request, app *App
 	maxSkew := app.maxClockSkew()
 	st.MaxClockSkew = maxSkew.String()
 	for _, m := range repl.Members() {
-		mj := memberJSON{Name: m.Name, Addr: m.Addr, State: m.State, Path: "none"}
+		mj := memberJSON{Name: m.Name, Addr: m.Addr, State: string(m.State), Path: "none"}
 		if m.ClockMeasured {
 			mj.ClockOffset = m.ClockOffset.Round(time.Millisecond).String()
 			mj.ClockSkewed = m.ClockOffset > maxSkew || m.ClockOffset < -maxSkew
@@ -289,10 +290,10 @@ func (a *adminAPI) handleStatus(w http.ResponseWriter, r *http.Request, app *App
 		}
 		if m.Name == app.NodeName() {
 			mj.Path = "self"
-		} else if m.State == "alive" {
+		} else if m.State == replicator.StateAlive {
 			alive++
 		}
-		if m.State != "alive" && mj.Path != "self" {
+		if m.State != replicator.StateAlive && mj.Path != "self" {
 			mj.Path = ""
 		}
 		st.Members = append(st.Members, mj)

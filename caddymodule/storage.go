@@ -20,6 +20,7 @@ import (
 	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
 
+	"github.com/homecircle/circle/caddymodule/circlenode"
 	"github.com/homecircle/circle/replicator"
 )
 
@@ -527,7 +528,7 @@ func (s *Storage) TryLock(ctx context.Context, name string) (bool, error) {
 	// a later one: then we lost); leave concurrent leases a moment to
 	// arrive, and read back which one won here. Alone (no other node
 	// alive), nobody can race: no settling.
-	racers := s.alivePeers()
+	racers := circlenode.AlivePeers(s.node)
 	if s.lockSettle > 0 && racers > 0 {
 		t := time.NewTimer(s.lockSettle)
 		select {

@@ -118,29 +118,8 @@ func (a *natApp) lastHeaders() (http.Header, int) {
 func newNATLab(t *testing.T, spec natSpec) *natLab {
 	t.Helper()
 	start := time.Now()
-	lab := netlab.New(t)
-	l := &natLab{
-		t: t, lab: lab, ns: map[string]*netlab.Node{}, nodes: map[string]*natNode{},
-		secretFile: newSecretFile(t),
-	}
-	b, err := os.ReadFile(l.secretFile)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if l.secret, err = base64.StdEncoding.DecodeString(strings.TrimSpace(string(b))); err != nil {
-		t.Fatal(err)
-	}
-	// Unix socket paths are limited to 108 bytes: keep them short.
-	if l.sockDir, err = os.MkdirTemp("", "natsock"); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(l.sockDir) })
-	// At the end: the nodes are killed (before the lab goes), after a dump
-	// of every node's view and log if the test failed.
-	t.Cleanup(l.killAll)
-	t.Cleanup(l.dumpIfFailed)
-
-	l.inet = lab.Internet("198.18.0.0/24")
+	l := newInternetLab(t)
+	lab := l.lab
 	l.ns["x"] = lab.Host(l.inet, "x", natClient)
 	l.ns["r"] = lab.Host(l.inet, "r", "198.18.0.10")
 	if spec.r2 {
@@ -191,6 +170,37 @@ func newNATLab(t *testing.T, spec natSpec) *natLab {
 	if spec.beforeStart != nil {
 		spec.beforeStart(l)
 	}
+	return l
+}
+
+// newInternetLab makes what every netlab topology of caddy nodes shares:
+// the lab with its internet (198.18.0.0/24), the circle secret, the
+// directory of the admin sockets, and the cleanups that dump every node's
+// view and log if the test failed, then kill the nodes.
+func newInternetLab(t *testing.T) *natLab {
+	t.Helper()
+	lab := netlab.New(t)
+	l := &natLab{
+		t: t, lab: lab, ns: map[string]*netlab.Node{}, nodes: map[string]*natNode{},
+		secretFile: newSecretFile(t),
+	}
+	b, err := os.ReadFile(l.secretFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l.secret, err = base64.StdEncoding.DecodeString(strings.TrimSpace(string(b))); err != nil {
+		t.Fatal(err)
+	}
+	// Unix socket paths are limited to 108 bytes: keep them short.
+	if l.sockDir, err = os.MkdirTemp("", "natsock"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(l.sockDir) })
+	// At the end: the nodes are killed (before the lab goes), after a dump
+	// of every node's view and log if the test failed.
+	t.Cleanup(l.killAll)
+	t.Cleanup(l.dumpIfFailed)
+	l.inet = lab.Internet("198.18.0.0/24")
 	return l
 }
 
@@ -359,22 +369,23 @@ func (n *natNode) restart() {
 	n.waitUp()
 }
 
-// start launches every node: r first, alone, so that exactly one local CA
-// root is created and shared; then the others together. It waits until
-// every node sees every other alive.
+// start launches every node: the first added (r in the NAT topologies)
+// first, alone, so that exactly one local CA root is created and shared;
+// then the others together. It waits until every node sees every other
+// alive.
 func (l *natLab) start() {
 	t := l.t
 	t.Helper()
 	start := time.Now()
-	r := l.nodes["r"]
+	r := l.nodes[l.order[0]]
 	r.launch()
 	r.waitUp()
-	waitFor(t, 20*time.Second, "r's CA root", func() error {
+	waitFor(t, 20*time.Second, r.name+"'s CA root", func() error {
 		_, err := r.rootCA()
 		return err
 	})
 	var rest []*natNode
-	names := []string{"r"}
+	names := []string{r.name}
 	for _, name := range l.order[1:] {
 		n := l.nodes[name]
 		if n.manual {

@@ -377,3 +377,38 @@ func TestMeshRestartedPeerOnOtherSide(t *testing.T) {
 		return len(p) == 1 && p[0].Remote == a2.Addr().String()
 	})
 }
+
+// TestTransportShutdownEndsDial: memberlist's Shutdown ends a stream dial
+// that is still handshaking with a silent address (the replicator's heal
+// attempts to a dead member must not hold up its Close for the handshake
+// timeout).
+func TestTransportShutdownEndsDial(t *testing.T) {
+	a := newMesh(t, "alice", testSecret)
+	ta, err := a.Transport()
+	if err != nil {
+		t.Fatal(err)
+	}
+	silent := listenUDP(t) // never answers
+	defer silent.Close()
+	errc := make(chan error, 1)
+	go func() {
+		_, err := ta.DialAddressTimeout(memberlist.Address{Addr: silent.LocalAddr().String()}, 10*time.Second)
+		errc <- err
+	}()
+	buf := make([]byte, 2048)
+	silent.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, _, err := silent.ReadFrom(buf); err != nil { // the handshake's first packet: the dial is in flight
+		t.Fatalf("no handshake packet: %v", err)
+	}
+	start := time.Now()
+	ta.Shutdown()
+	select {
+	case err := <-errc:
+		if err == nil {
+			t.Fatal("dial to a silent address succeeded")
+		}
+		t.Logf("dial ended %v after Shutdown: %v", time.Since(start).Round(time.Millisecond), err)
+	case <-time.After(2 * time.Second): // the handshake timeout is 5 s
+		t.Fatal("Shutdown did not end the dial in flight")
+	}
+}

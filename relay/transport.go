@@ -138,6 +138,7 @@ func (t *Transport) DialTimeout(addr string, timeout time.Duration) (net.Conn, e
 
 // DialAddressTimeout implements memberlist.NodeAwareTransport: it opens a
 // MemberlistService stream to the node, connecting first if needed.
+// Shutdown ends a dial in flight.
 func (t *Transport) DialAddressTimeout(a memberlist.Address, timeout time.Duration) (net.Conn, error) {
 	select {
 	case <-t.done:
@@ -146,6 +147,13 @@ func (t *Transport) DialAddressTimeout(a memberlist.Address, timeout time.Durati
 	}
 	ctx, cancel := context.WithTimeout(t.m.ctx, timeout)
 	defer cancel()
+	go func() {
+		select {
+		case <-t.done:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
 	name := t.name(a)
 	if name == "" || t.m.best(name) == nil {
 		addr, err := net.ResolveUDPAddr("udp", a.Addr)

@@ -431,7 +431,7 @@ func TestMembersStates(t *testing.T) {
 	waitFor(t, 5*time.Second, "left state", func() bool {
 		for _, m := range nodes[0].Members() {
 			if m.Name == name {
-				return m.State == "left"
+				return m.State == StateLeft
 			}
 		}
 		return false
@@ -477,7 +477,7 @@ func TestCrashedPeerGoesSuspectThenDead(t *testing.T) {
 	if err := nodes[2].shutdown(false); err != nil {
 		t.Fatal(err)
 	}
-	stateOf := func(name string) string {
+	stateOf := func(name string) MemberState {
 		for _, m := range nodes[0].Members() {
 			if m.Name == name {
 				return m.State
@@ -485,15 +485,15 @@ func TestCrashedPeerGoesSuspectThenDead(t *testing.T) {
 		}
 		return ""
 	}
-	waitFor(t, 2*time.Second, "suspect", func() bool { return stateOf(victim) == "suspect" })
+	waitFor(t, 2*time.Second, "suspect", func() bool { return stateOf(victim) == StateSuspect })
 	if st := nodes[0].Stats(); st.AliveMembers != 3 {
 		t.Fatalf("a suspect node should still count: %+v", st)
 	}
-	waitFor(t, 10*time.Second, "dead", func() bool { return stateOf(victim) == "dead" })
+	waitFor(t, 10*time.Second, "dead", func() bool { return stateOf(victim) == StateDead })
 	if st := nodes[0].Stats(); st.AliveMembers != 2 {
 		t.Fatalf("a dead node should not count: %+v", st)
 	}
-	if s := stateOf(nodes[1].Name()); s != "alive" {
+	if s := stateOf(nodes[1].Name()); s != StateAlive {
 		t.Fatalf("live peer is %q", s)
 	}
 }

@@ -45,9 +45,11 @@ type Config struct {
 	// Default: the bound address.
 	AdvertiseAddr string
 
-	// Join lists seed peers (host:port). Unreachable seeds are retried in the
-	// background with backoff, also later whenever this node finds itself
-	// alone, until Close. Default: none (start a new circle).
+	// Join lists seed peers (host:port; a host name is resolved again at
+	// every attempt). A seed that is not the address of a live member is
+	// retried in the background with backoff until Close, whether or not
+	// this node has other peers; so is every member this node ever knew
+	// (see heal.go). Default: none (start a new circle).
 	Join []string
 
 	// Replicas is how many nodes (this one included) must hold a record

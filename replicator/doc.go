@@ -41,6 +41,13 @@
 // msgLeave to every peer before leaving, so writes stop waiting for it at
 // once) and "dead" for one memberlist declared gone without such notice.
 //
+// Healing: memberlist never contacts a node again once it has been dead
+// for GossipToTheDeadTime, so a node keeps joining, forever and with
+// backoff, every member it ever knew (at its last known address, stored
+// in the database) and every Join seed (resolved anew) that it is not in
+// contact with; two halves of a split circle merge as soon as one attempt
+// crosses (heal.go).
+//
 // Not done yet: tombstones are kept forever (no garbage collection past a
 // horizon); values are stored as given (callers encrypt sensitive values).
 package replicator

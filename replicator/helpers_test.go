@@ -124,7 +124,7 @@ func waitConverged(t testing.TB, nodes ...*Node) {
 func aliveCount(n *Node) int {
 	c := 0
 	for _, m := range n.Members() {
-		if m.State == "alive" {
+		if m.State == StateAlive {
 			c++
 		}
 	}

@@ -23,26 +23,26 @@ const announceTimeout = 500 * time.Millisecond // how long Close tells peers it 
 // memberInfo is what a node knows of a peer. Node.membersMu guards it.
 type memberInfo struct {
 	addr    string
-	state   string    // "alive", "dead" or "left" ("suspect" is computed)
-	lastAck time.Time // last direct probe ack, or (re)join
+	state   MemberState // StateAlive, StateDead or StateLeft (StateSuspect is computed)
+	lastAck time.Time   // last direct probe ack, or (re)join
 }
 
 // Members returns every node this node knows of, itself included, sorted
 // by name.
 func (n *Node) Members() []Member {
-	out := []Member{{Name: n.cfg.Name, Addr: n.Addr(), State: "alive"}}
+	out := []Member{{Name: n.cfg.Name, Addr: n.Addr(), State: StateAlive}}
 	live := n.liveNodes()
 	limit := n.suspectAfter(len(live))
 	n.membersMu.Lock()
 	for name, mi := range n.members {
 		m := Member{Name: name, Addr: mi.addr, State: mi.state}
-		if ok := live[name]; ok && mi.state != "left" {
-			m.State = "alive"
+		if ok := live[name]; ok && mi.state != StateLeft {
+			m.State = StateAlive
 			if time.Since(mi.lastAck) > limit {
-				m.State = "suspect"
+				m.State = StateSuspect
 			}
-		} else if !live[name] && mi.state == "alive" {
-			m.State = "dead"
+		} else if !live[name] && mi.state == StateAlive {
+			m.State = StateDead
 		}
 		out = append(out, m)
 	}
@@ -90,7 +90,7 @@ func (n *Node) alivePeers() []*peerRef {
 	var out []*peerRef
 	n.membersMu.Lock()
 	for name := range live {
-		if mi := n.members[name]; mi != nil && mi.state != "left" {
+		if mi := n.members[name]; mi != nil && mi.state != StateLeft {
 			out = append(out, &peerRef{Name: name, Addr: mi.addr})
 		}
 	}
@@ -113,7 +113,7 @@ func (n *Node) peer(name string) *peerRef {
 func (n *Node) markLeft(name string) {
 	n.membersMu.Lock()
 	if mi := n.members[name]; mi != nil {
-		mi.state = "left"
+		mi.state = StateLeft
 	}
 	n.membersMu.Unlock()
 	n.dropPeerConns(name)
@@ -149,7 +149,8 @@ func (e events) NotifyJoin(m *memberlist.Node) {
 		return
 	}
 	n.membersMu.Lock()
-	n.members[m.Name] = &memberInfo{addr: m.Address(), state: "alive", lastAck: time.Now()}
+	n.members[m.Name] = &memberInfo{addr: m.Address(), state: StateAlive, lastAck: time.Now()}
+	n.rememberLocked(m.Name, m.Address())
 	n.membersMu.Unlock()
 	n.log.Info("node joined", "node", m.Name, "addr", m.Address())
 	n.kickAntiEntropy(m.Name)
@@ -165,9 +166,10 @@ func (e events) NotifyLeave(m *memberlist.Node) {
 	if mi == nil {
 		mi = &memberInfo{addr: m.Address()}
 		n.members[m.Name] = mi
+		n.rememberLocked(m.Name, m.Address())
 	}
-	if mi.state != "left" {
-		mi.state = "dead"
+	if mi.state != StateLeft {
+		mi.state = StateDead
 	}
 	state := mi.state
 	n.membersMu.Unlock()
@@ -181,6 +183,7 @@ func (e events) NotifyUpdate(m *memberlist.Node) {
 	if mi := n.members[m.Name]; mi != nil {
 		mi.addr = m.Address()
 	}
+	n.rememberLocked(m.Name, m.Address()) // an advertised address change
 	n.membersMu.Unlock()
 }
 

@@ -10,7 +10,6 @@ import (
 	"log/slog"
 	"math"
 	"math/rand/v2"
-	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -22,11 +21,8 @@ import (
 
 const (
 	leaveTimeout    = 2 * time.Second
-	joinMinBackoff  = 250 * time.Millisecond
-	joinMaxBackoff  = 30 * time.Second
-	joinRecheck     = 2 * time.Second // how often a joined node checks it is not alone
-	incomingQueue   = 1024            // gossip messages waiting to be applied
-	maxQueuedGossip = 4096            // broadcasts kept in the transmit queue
+	incomingQueue   = 1024 // gossip messages waiting to be applied
+	maxQueuedGossip = 4096 // broadcasts kept in the transmit queue
 )
 
 // Node is one member of the circle: a local durable store plus membership
@@ -62,8 +58,13 @@ type Node struct {
 
 	wire wireState // what peers speak (version.go)
 
-	membersMu sync.Mutex             // guards members
-	members   map[string]*memberInfo // every other node seen, by name
+	membersMu  sync.Mutex             // guards members, known and knownDirty
+	members    map[string]*memberInfo // every other node seen, by name
+	known      map[string]string      // last known address of every other node ever seen (persisted)
+	knownDirty bool                   // known changed since it was stored
+
+	heal healer // retries of members and seeds out of contact (heal.go)
+	port int    // the bind port, for seeds given without one
 
 	probeInterval time.Duration // memberlist's, for suspicion in Members
 
@@ -88,7 +89,7 @@ type Node struct {
 type Member struct {
 	Name  string
 	Addr  string // host:port of its gossip endpoint
-	State string // "alive", "suspect", "dead" or "left"
+	State MemberState
 
 	// ClockOffset is the peer's wall clock minus this node's, measured
 	// from probe acks when ClockMeasured (never for this node itself).
@@ -97,6 +98,17 @@ type Member struct {
 	ClockOffset   time.Duration
 	ClockMeasured bool
 }
+
+// MemberState is what a node knows of a member's liveness (see Members).
+type MemberState string
+
+// The member states.
+const (
+	StateAlive   MemberState = "alive"   // in contact, answering direct probes
+	StateSuspect MemberState = "suspect" // still listed, but no direct probe answered for a while
+	StateDead    MemberState = "dead"    // gone without notice
+	StateLeft    MemberState = "left"    // announced that it leaves
+)
 
 // Stats are counters and state for monitoring.
 type Stats struct {
@@ -155,6 +167,10 @@ func Open(cfg Config) (*Node, error) {
 			return nil, fmt.Errorf("replicator: storing node name: %w", err)
 		}
 	}
+	known, err := loadKnown(db)
+	if err != nil {
+		cfg.Logger.Warn("ignoring unreadable known members", "error", err)
+	}
 	streamKey, err := deriveStreamKey(cfg.Secret)
 	if err != nil {
 		return nil, fmt.Errorf("replicator: deriving stream key: %w", err)
@@ -181,6 +197,8 @@ func Open(cfg Config) (*Node, error) {
 		pool:      make(map[string][]*secureConn),
 		dialed:    make(map[*secureConn]struct{}),
 		members:   make(map[string]*memberInfo),
+		known:     known,
+		heal:      healer{targets: make(map[string]*healTarget)},
 	}
 	n.clock.now = n.circleNow // own wall clock, or the circle's median if later (skew.go)
 	for _, b := range cfg.FirstWriterWins {
@@ -190,6 +208,7 @@ func Open(cfg Config) (*Node, error) {
 
 	mlLog := log.New(logWriter{n.log.With("component", "memberlist")}, "", 0)
 	host, port, _ := splitHostPort(cfg.BindAddr) // validated by withDefaults
+	n.port = port
 	inner := cfg.Transport
 	ownsTCP := false
 	if inner == nil {
@@ -245,7 +264,7 @@ func Open(cfg Config) (*Node, error) {
 	go n.asideLoop()
 	go n.applier()
 	go n.antiEntropyLoop()
-	go n.joinLoop()
+	go n.healLoop()
 	n.startWireExtras() // test profiles only (version_next.go)
 	n.log.Info("replicator node started", "name", cfg.Name, "addr", n.Addr(), "records", n.Stats().Records)
 	return n, nil
@@ -561,76 +580,6 @@ func (n *Node) numMembers() int {
 		return ml.NumMembers()
 	}
 	return 1
-}
-
-// joinLoop joins the seeds, retrying with backoff while no peer is alive,
-// until Close.
-func (n *Node) joinLoop() {
-	defer n.wg.Done()
-	if len(n.cfg.Join) == 0 {
-		return
-	}
-	backoff := joinMinBackoff
-	failures := 0
-	goneBackoff := joinMinBackoff
-	var goneRetry time.Time
-	for {
-		wait := joinRecheck
-		if gone := n.goneSeeds(); len(gone) > 0 && len(n.alivePeers()) > 0 && !time.Now().Before(goneRetry) {
-			// memberlist never contacts a dead node again, so a seed that
-			// died and came back without a join list of its own stays cut
-			// off from this side of the circle: rejoin it.
-			if got, _ := n.ml.Load().Join(gone); got > 0 {
-				n.log.Info("rejoined a seed that was gone", "seeds", gone, "members", n.numMembers())
-				goneBackoff, goneRetry = joinMinBackoff, time.Time{}
-			} else {
-				goneRetry = time.Now().Add(goneBackoff)
-				goneBackoff = min(2*goneBackoff, joinMaxBackoff)
-			}
-			if n.ctx.Err() != nil {
-				return
-			}
-		}
-		if len(n.alivePeers()) == 0 {
-			got, err := n.ml.Load().Join(n.cfg.Join)
-			if n.ctx.Err() != nil {
-				return
-			}
-			if err != nil && got == 0 {
-				failures++
-				lvl := slog.LevelDebug
-				if failures == 1 {
-					lvl = slog.LevelWarn
-				}
-				n.log.Log(n.ctx, lvl, "no seed reachable; retrying in the background", "seeds", n.cfg.Join, "attempt", failures, "retry_in", backoff, "error", err)
-				wait = backoff
-				backoff = min(2*backoff, joinMaxBackoff)
-			} else {
-				n.log.Info("joined the circle", "contacted", got, "members", n.numMembers())
-				failures = 0
-				backoff = joinMinBackoff
-			}
-		}
-		t := time.NewTimer(wait)
-		select {
-		case <-n.ctx.Done():
-			t.Stop()
-			return
-		case <-t.C:
-		}
-	}
-}
-
-// goneSeeds returns the seeds that are the address of a member that died
-// (not one that left).
-func (n *Node) goneSeeds() []string {
-	var out []string
-	for _, m := range n.Members() {
-		if m.State == "dead" && slices.Contains(n.cfg.Join, m.Addr) {
-			out = append(out, m.Addr)
-		}
-	}
-	return out
 }
 
 // delegate implements memberlist.Delegate. memberlist calls it from its

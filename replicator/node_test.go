@@ -74,7 +74,7 @@ func TestSingleNodeCRUD(t *testing.T) {
 	if err := n.DeleteAsync("files", "c"); err != nil || !absent(n, "files", "c") {
 		t.Fatalf("DeleteAsync: %v", err)
 	}
-	if ms := n.Members(); len(ms) != 1 || ms[0].Name != "solo" || ms[0].State != "alive" || ms[0].Addr != n.Addr() {
+	if ms := n.Members(); len(ms) != 1 || ms[0].Name != "solo" || ms[0].State != StateAlive || ms[0].Addr != n.Addr() {
 		t.Fatalf("Members = %+v", ms)
 	}
 

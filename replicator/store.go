@@ -19,6 +19,9 @@ import (
 //	                "format" -> u32 data format (DataFormat); absent: format 1,
 //	                            written by a release before format versions
 //	                            (b4e49ea)
+//	                "peers"  -> JSON {"node name": "host:port"}: the last known
+//	                            address of every other node ever seen (heal.go);
+//	                            absent in files of older builds
 //	data / <bucket> <key>  -> encodeStored(record)
 var (
 	bktMeta   = []byte("meta")
@@ -26,6 +29,7 @@ var (
 	keyHLC    = []byte("hlc")
 	keyName   = []byte("name")
 	keyFormat = []byte("format")
+	keyPeers  = []byte("peers")
 )
 
 // DataFormat is the on-disk format this build writes and the highest it

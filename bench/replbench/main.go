@@ -107,7 +107,7 @@ func measure(size, writes int) (ack, all []time.Duration, err error) {
 		for _, n := range nodes {
 			alive := 0
 			for _, m := range n.Members() {
-				if m.State == "alive" {
+				if m.State == replicator.StateAlive {
 					alive++
 				}
 			}

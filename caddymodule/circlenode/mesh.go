@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/homecircle/circle/relay"
+	"github.com/homecircle/circle/replicator"
 )
 
 // The mesh wiring of a node (see docs/INTERNALS.md, "circlenode: the
@@ -180,7 +181,7 @@ func (sn *Node) meshMembers() []relay.Member {
 	}
 	var out []relay.Member
 	for _, m := range sn.repl.Members() {
-		if m.Name == sn.name || (m.State != "alive" && m.State != "suspect") {
+		if m.Name == sn.name || (m.State != replicator.StateAlive && m.State != replicator.StateSuspect) {
 			continue
 		}
 		out = append(out, relay.Member{Name: m.Name, Addr: m.Addr})

@@ -295,7 +295,7 @@ func waitInitialSync(ctx context.Context, n *replicator.Node, joining bool, star
 func AlivePeers(n *replicator.Node) int {
 	c := 0
 	for _, m := range n.Members() {
-		if m.Name != n.Name() && m.State == "alive" {
+		if m.Name != n.Name() && m.State == replicator.StateAlive {
 			c++
 		}
 	}
