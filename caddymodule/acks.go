@@ -45,15 +45,3 @@ func (s *Storage) putAll(ctx context.Context, bucket, key string, value []byte, 
 	}
 	return err
 }
-
-// alivePeers counts the other alive members of the circle.
-func (s *Storage) alivePeers() int {
-	n := 0
-	self := s.node.Name()
-	for _, m := range s.node.Members() {
-		if m.Name != self && m.State == "alive" {
-			n++
-		}
-	}
-	return n
-}

@@ -305,3 +305,10 @@ func parsePrivateKey(block *pem.Block) (any, error) {
 
 // Interface guards
 var _ caddyevents.Handler = (*certEvents)(nil)
+
+// leaseRecord is the value of a lock in bucket "locks".
+type leaseRecord struct {
+	Owner   string    `json:"owner"`
+	Token   string    `json:"token"`
+	Expires time.Time `json:"expires"`
+}
