@@ -102,6 +102,7 @@ type Stats struct {
 	RecordsReceived     uint64    `json:"records_received"` // records received (gossip and streams)
 	BroadcastQueue      int       `json:"broadcast_queue"`  // gossip messages waiting for transmission
 	GossipDropped       uint64    `json:"gossip_dropped"`   // gossiped records dropped because the apply queue was full
+	UnderReplicated     int       `json:"under_replicated"` // records written here known on fewer than Replicas nodes (see acks.go)
 }
 
 // Open opens the store in cfg.DataDir, starts memberlist on cfg.BindAddr and
