@@ -43,10 +43,10 @@ func TestPrintStatus(t *testing.T) {
 			{Name: "alpha", Addr: "127.0.0.1:1", State: "alive", Path: "self"},
 			{Name: "beta", Addr: "127.0.0.1:2", State: "dead"},
 		},
-		Replication: replicationJSON{Replicas: 2, AlivePeers: 0},
+		Replication: replicationJSON{Replicas: 2, AlivePeers: 0, UnderReplicated: 3},
 	})
 	out := b.String()
-	for _, want := range []string{"node alpha of circle circle.test", "role: member", "degraded", "MEMBER", "beta", "dead"} {
+	for _, want := range []string{"node alpha of circle circle.test", "role: member", "degraded: 3 records on fewer than 2 nodes", "MEMBER", "beta", "dead"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("status output lacks %q:\n%s", want, out)
 		}
