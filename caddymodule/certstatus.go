@@ -201,20 +201,13 @@ func certificatesStatus(n *replicator.Node) []certJSON {
 	return out
 }
 
-// locksStatus lists the lock leases in the store.
+// locksStatus lists the locks this node's acceptor grants; the expiry is
+// this node's own reckoning (its clock plus what is left of the grant).
 func locksStatus(n *replicator.Node) []lockJSON {
-	recs, err := n.List(bucketLocks, "")
-	if err != nil {
-		return nil
-	}
 	now := time.Now()
 	var out []lockJSON
-	for _, r := range recs {
-		var lr leaseRecord
-		if json.Unmarshal(r.Value, &lr) != nil {
-			continue
-		}
-		out = append(out, lockJSON{Name: r.Key, Owner: lr.Owner, Expires: lr.Expires.UTC(), Expired: now.After(lr.Expires)})
+	for _, g := range n.LeaseGrants() {
+		out = append(out, lockJSON{Name: g.Name, Owner: g.Owner, Expires: now.Add(g.Remaining).UTC().Truncate(time.Millisecond), Expired: g.Remaining <= 0})
 	}
 	return out
 }
@@ -305,10 +298,3 @@ func parsePrivateKey(block *pem.Block) (any, error) {
 
 // Interface guards
 var _ caddyevents.Handler = (*certEvents)(nil)
-
-// leaseRecord is the value of a lock in bucket "locks".
-type leaseRecord struct {
-	Owner   string    `json:"owner"`
-	Token   string    `json:"token"`
-	Expires time.Time `json:"expires"`
-}

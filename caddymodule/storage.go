@@ -25,11 +25,9 @@ func init() {
 	caddy.RegisterModule(Storage{})
 }
 
-// Buckets used by the storage.
-const (
-	bucketCerts = "certs"
-	bucketLocks = "locks"
-)
+// bucketCerts holds the certmagic keys. Locks live in the replicator's
+// lease buckets ("locks", "lockgrants", "lockvoters"; replicator/lease.go).
+const bucketCerts = "certs"
 
 // Storage defaults.
 const (
@@ -51,10 +49,10 @@ const sealedVersion = 1
 // replicated store, so every node serves the same certificates and the same
 // internal CA. Keys are stored in bucket "certs"; values of keys ending in
 // ".key" are encrypted at rest with AES-256-GCM under
-// HKDF-SHA256(circle secret, "circle storage keys v1"). Locks are leases in
-// bucket "locks" ({owner, expires}) that a holder refreshes and that others
-// take over once expired: a gossip store cannot give mutual exclusion, so a
-// rare duplicate ACME order during a partition is possible and tolerable.
+// HKDF-SHA256(circle secret, "circle storage keys v1"). Locks are
+// replicator.Leases: granted by a majority of the circle's nodes, expiring
+// by durations measured locally, renewed and released only by their holder
+// (docs/INTERNALS.md, "Locks").
 //
 // It needs the `circle` app (the global option), whose node it uses.
 type Storage struct {
@@ -126,10 +124,9 @@ func (s *Storage) init(node *replicator.Node, nodeName string, key []byte) error
 	s.node = node
 	logger := s.logger
 	s.locks = replicator.NewLeases(node, replicator.LeaseConfig{
-		Bucket: bucketLocks,
-		Owner:  nodeName + "/" + randomHex(8),
-		TTL:    time.Duration(s.LockTTL),
-		Poll:   time.Duration(s.LockPollInterval),
+		Owner: nodeName + "/" + randomHex(8),
+		TTL:   time.Duration(s.LockTTL),
+		Poll:  time.Duration(s.LockPollInterval),
 		OnLost: func(name string, err error) {
 			logger.Error("lock lease lost", zap.String("lock", name), zap.Error(err))
 		},

@@ -7,78 +7,152 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"math"
+	mrand "math/rand/v2"
+	"sort"
+	"strings"
 	"sync"
 	"time"
 )
 
-// Lease defaults.
+// Leases: named locks (certmagic's issuance locks) on the replicated store.
+//
+// A last-writer-wins store cannot give mutual exclusion by itself: two
+// takers on the two sides of a fresh split both "win" their own copy. So a
+// lease is granted by votes. Every node runs an acceptor (leaseAcceptor,
+// started by Open) that grants each lock name to at most one holder at a
+// time; a holder holds a lease only while a majority of the circle's voters
+// have granted it. The messages are records of the store itself, so they
+// use the existing replication and need no new wire message:
+//
+//	bucket "locks",      key name NUL owner:    the holder's claim (acquire,
+//	                                            renew or release; JSON leaseClaim)
+//	bucket "lockgrants", key name NUL acceptor: the acceptor's grant (JSON
+//	                                            leaseGrant); a tombstone when it
+//	                                            has none
+//	bucket "lockvoters", key node name:         every node that ever took
+//	                                            part in a lock (the voters)
+//
+// Each of these keys has one writer (the owner, the acceptor, the node
+// itself), so last-writer-wins never drops a message between writers; a
+// reader only ever needs the latest version of a key.
+//
+// Time: no wall clock of two nodes is ever compared. An acceptor judges
+// its grant live until the lease's TTL has passed on its own monotonic
+// clock since it granted (or renewed) it; a grant found on disk after a
+// restart counts as given at the restart. A holder counts its lease valid
+// until TTL - TTL/20 after it SENT the claim that a majority granted, so it
+// stops believing it holds the lease before any granting acceptor can give
+// it to someone else (the 5% absorbs clock rate differences, not offsets).
+// Config.Now (the wall clock of versions) plays no part. docs/INTERNALS.md
+// ("Locks") has the argument and the bounds.
+
+// Lease defaults and buckets.
 const (
-	DefaultLeaseBucket = "locks"
-	DefaultLeaseTTL    = 30 * time.Second
-	DefaultLeasePoll   = time.Second
-	leaseAckWait       = 5 * time.Second
-	leaseSettle        = 150 * time.Millisecond
+	DefaultLeaseTTL         = 30 * time.Second
+	DefaultLeasePoll        = time.Second
+	DefaultLeaseForgetAfter = 24 * time.Hour
+
+	leaseClaims = "locks"      // claims: name NUL owner -> leaseClaim
+	leaseGrants = "lockgrants" // grants: name NUL acceptor -> leaseGrant
+	leaseVoters = "lockvoters" // voters: node name -> {}
+
+	leaseTick       = time.Second // how often an acceptor notes which voters are alive
+	leasePushWindow = time.Minute // how long a claim or grant is pushed to a peer that does not answer
 )
 
-// ErrLeaseNotHeld: the lease is not held by this Leases (never taken,
-// released, or lost to another holder).
-var ErrLeaseNotHeld = errors.New("replicator: lease not held")
+// Lease errors.
+var (
+	// ErrLeaseNotHeld: this Leases does not hold the lease (never taken,
+	// released, or lost).
+	ErrLeaseNotHeld = errors.New("replicator: lease not held")
+	// ErrLeaseLost: the lease expired before it could be renewed (no
+	// majority of the voters granted the renewal in time); another holder
+	// may have it now.
+	ErrLeaseLost = errors.New("replicator: lease lost")
+	// ErrNoQuorum: fewer than a majority of the circle's voters granted
+	// the lease (or are reachable).
+	ErrNoQuorum = errors.New("replicator: no majority for the lease")
+)
 
 // LeaseConfig configures Leases. Zero values mean the stated default.
 type LeaseConfig struct {
-	// Bucket holds the leases. Default "locks".
-	Bucket string
-	// Owner names this holder in lease records. Default: node name + "/" +
-	// a random suffix.
+	// Owner names this holder in claims and grants (at most 255 bytes, no
+	// NUL). Default: the node name + "/" + a random suffix, so every
+	// Leases is its own holder.
 	Owner string
-	// TTL is how long a lease lasts without a refresh; holders refresh it
+
+	// TTL is how long a lease lasts without a renewal; holders renew it
 	// every third of it. Default 30s.
 	TTL time.Duration
-	// Poll is how often a waiting Lock looks again. Default 1s.
+
+	// Poll is how often a waiting Lock tries again (with ±50% jitter); it
+	// also wakes when a grant of the name is withdrawn. Default 1s.
 	Poll time.Duration
-	// OnLost, if set, is called (from a background goroutine) when a held
-	// lease is lost to another holder.
+
+	// ForgetAfter: a voter that this node has not seen alive for this long
+	// (counted from the node's start at the earliest) stops counting in
+	// the majority, so that a circle that lost a node for good can take
+	// locks again. Negative: never. Default 24h.
+	ForgetAfter time.Duration
+
+	// OnLost, if set, is called when a held lease is lost (ErrLeaseLost),
+	// from the goroutine that noticed (the renewer, Renew or Unlock). It
+	// must not block long; it may call the Leases' methods.
 	OnLost func(name string, err error)
 }
 
-// Leases are named locks on the replicated store.
+// Leases are the locks of one holder on a Node. Its methods are safe for
+// concurrent use.
 type Leases struct {
 	n   *Node
 	cfg LeaseConfig
 
-	mu   sync.Mutex // guards held
-	held map[string]*heldLease
+	mu     sync.Mutex // guards held and closed
+	held   map[string]*heldLease
+	closed bool
 }
 
-// leaseProcMu serialises taking leases within this process.
-var leaseProcMu sync.Mutex
-
+// heldLease is a lease this holder has. Leases.mu guards its fields.
 type heldLease struct {
-	token string
-	stop  chan struct{}
-	done  chan struct{}
+	token      string
+	seq        uint64        // last claim sequence sent
+	ttl        time.Duration // of the last granted claim
+	validUntil time.Time     // monotonic: the lease is ours until then
+	stop       chan struct{} // closed to stop the renewer
+	done       chan struct{} // closed when the renewer returned
 }
 
-type leaseRecord struct {
-	Owner   string    `json:"owner"`
-	Token   string    `json:"token"`
-	Expires time.Time `json:"expires"`
+// leaseClaim is the value of a claim record.
+type leaseClaim struct {
+	Owner   string `json:"owner"`
+	Token   string `json:"token"`
+	Seq     uint64 `json:"seq"`
+	TTLms   int64  `json:"ttl_ms"`
+	Release bool   `json:"release,omitempty"`
 }
 
-// NewLeases returns the leases of this holder on n.
+// leaseGrant is the value of a grant record.
+type leaseGrant struct {
+	Owner string `json:"owner"`
+	Token string `json:"token"`
+	Seq   uint64 `json:"seq"`
+	TTLms int64  `json:"ttl_ms"`
+}
+
+// NewLeases returns the leases of one holder on n.
 func NewLeases(n *Node, cfg LeaseConfig) *Leases {
-	if cfg.Bucket == "" {
-		cfg.Bucket = DefaultLeaseBucket
-	}
 	if cfg.Owner == "" {
 		cfg.Owner = n.Name() + "/" + randomHex(8)
 	}
+	cfg.Owner = strings.ReplaceAll(cfg.Owner, "\x00", "")
 	if cfg.TTL <= 0 {
 		cfg.TTL = DefaultLeaseTTL
 	}
 	if cfg.Poll <= 0 {
 		cfg.Poll = DefaultLeasePoll
+	}
+	if cfg.ForgetAfter == 0 {
+		cfg.ForgetAfter = DefaultLeaseForgetAfter
 	}
 	return &Leases{n: n, cfg: cfg, held: make(map[string]*heldLease)}
 }
@@ -86,31 +160,39 @@ func NewLeases(n *Node, cfg LeaseConfig) *Leases {
 // Owner returns this holder's name.
 func (l *Leases) Owner() string { return l.cfg.Owner }
 
-// Close stops refreshing every held lease; they then expire.
+// Close stops renewing every held lease (they expire after their TTL) and
+// makes further TryLock calls fail. It does not release them: a holder
+// that is closed while working under a lock keeps others out until then.
 func (l *Leases) Close() {
 	l.mu.Lock()
-	defer l.mu.Unlock()
+	l.closed = true
+	var dones []chan struct{}
 	for name, h := range l.held {
 		close(h.stop)
+		dones = append(dones, h.done)
 		delete(l.held, name)
+	}
+	l.mu.Unlock()
+	for _, d := range dones {
+		<-d
 	}
 }
 
-// Held reports whether this holder holds name.
+// Held reports whether this holder holds name now (granted by a majority,
+// and not yet past its validity).
 func (l *Leases) Held(name string) bool {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	_, ok := l.held[name]
-	return ok
+	h := l.held[name]
+	return h != nil && time.Now().Before(h.validUntil)
 }
 
-// Lock waits until it holds name or ctx ends.
+// Lock waits until this holder holds name, or ctx ends. It tries again
+// every Poll (with jitter) and as soon as a grant of name is withdrawn.
 func (l *Leases) Lock(ctx context.Context, name string) error {
-	poll := time.NewTicker(l.cfg.Poll)
-	defer poll.Stop()
 	released := make(chan struct{}, 1)
-	cancel := l.n.Watch(l.cfg.Bucket, func(r Record) {
-		if r.Key == name && r.Deleted {
+	cancel := l.n.Watch(leaseGrants, func(r Record) {
+		if r.Deleted && strings.HasPrefix(r.Key, name+"\x00") {
 			select {
 			case released <- struct{}{}:
 			default:
@@ -123,136 +205,586 @@ func (l *Leases) Lock(ctx context.Context, name string) error {
 		if err != nil || ok {
 			return err
 		}
+		wait := l.cfg.Poll/2 + mrand.N(l.cfg.Poll) // jitter: racing takers do not retry in step
+		t := time.NewTimer(wait)
 		select {
 		case <-ctx.Done():
+			t.Stop()
 			return fmt.Errorf("waiting for lock %s: %w", name, context.Cause(ctx))
-		case <-poll.C:
+		case <-t.C:
 		case <-released:
+			t.Stop()
 		}
 	}
 }
 
-// TryLock makes one attempt to take name.
+// TryLock makes one attempt to take name: true if this holder now holds it
+// (a majority of the voters granted it). False with a nil error when
+// another holder has it, when the attempt met a concurrent one, or when no
+// majority of the voters is reachable (a partition); then nothing of the
+// attempt is left standing (it is released). A holder that already holds
+// name gets false.
 func (l *Leases) TryLock(ctx context.Context, name string) (bool, error) {
+	if err := checkLeaseName(name); err != nil {
+		return false, err
+	}
 	if err := ctx.Err(); err != nil {
 		return false, err
 	}
-	if l.Held(name) {
+	l.mu.Lock()
+	_, mine := l.held[name]
+	closed := l.closed
+	l.mu.Unlock()
+	if closed {
+		return false, fmt.Errorf("taking lock %s: leases closed", name)
+	}
+	if mine {
 		return false, nil
+	}
+	acc := l.n.acceptor
+	if acc == nil {
+		return false, ErrClosed
+	}
+	if g, live := acc.current(name); live && g.Owner != l.cfg.Owner {
+		return false, nil // granted to another holder here: no need to ask
 	}
 	token := randomHex(16)
-	leaseProcMu.Lock()
-	if cur, ok := l.read(name); ok && l.n.cfg.Now().Before(cur.Expires) {
-		leaseProcMu.Unlock()
-		return false, nil
-	}
-	err := l.write(ctx, name, token, l.cfg.TTL)
-	leaseProcMu.Unlock()
+	sent, err := l.round(ctx, name, token, 1, l.cfg.TTL)
 	if err != nil {
+		l.release(name, token, 2)
+		if errors.Is(err, ErrNoQuorum) {
+			l.n.log.Debug("lock not taken", "lock", name, "error", err)
+			return false, nil
+		}
 		return false, fmt.Errorf("taking lock %s: %w", name, err)
 	}
-	if len(l.n.alivePeers()) > 0 {
-		t := time.NewTimer(leaseSettle)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return false, ctx.Err()
-		case <-t.C:
-		}
-	}
-	if cur, ok := l.read(name); !ok || cur.Token != token {
-		return false, nil
-	}
-	h := &heldLease{token: token, stop: make(chan struct{}), done: make(chan struct{})}
+	h := &heldLease{token: token, seq: 1, ttl: l.cfg.TTL, validUntil: sent.Add(validity(l.cfg.TTL)),
+		stop: make(chan struct{}), done: make(chan struct{})}
 	l.mu.Lock()
-	if _, raced := l.held[name]; raced {
+	if _, raced := l.held[name]; raced || l.closed {
 		l.mu.Unlock()
+		l.release(name, token, 2)
 		return false, nil
 	}
 	l.held[name] = h
 	l.mu.Unlock()
-	go l.refresh(name, h)
+	go l.renewer(name, h)
 	return true, nil
 }
 
-// Unlock releases name.
+// Renew makes the held lease on name last max(ttl, TTL) from now (and
+// keeps renewing it). It is an error wrapping ErrLeaseNotHeld or
+// ErrLeaseLost if this holder does not hold it (then nothing is written
+// that could touch another holder's lease), and one wrapping ErrNoQuorum
+// if no majority granted the renewal (the lease stays held until its
+// current validity ends, unless a later renewal succeeds).
+func (l *Leases) Renew(ctx context.Context, name string, ttl time.Duration) error {
+	ttl = max(ttl, l.cfg.TTL)
+	l.mu.Lock()
+	h := l.held[name]
+	if h == nil {
+		l.mu.Unlock()
+		return fmt.Errorf("renewing lock %s: %w", name, ErrLeaseNotHeld)
+	}
+	h.seq++
+	seq := h.seq
+	l.mu.Unlock()
+	if l.lostIfExpired(name, h) {
+		return fmt.Errorf("renewing lock %s: %w", name, ErrLeaseLost)
+	}
+	sent, err := l.round(ctx, name, h.token, seq, ttl)
+	if err != nil {
+		return fmt.Errorf("renewing lock %s: %w", name, err)
+	}
+	l.extend(h, sent, ttl)
+	return nil
+}
+
+// Unlock releases name if this holder holds it: an error wrapping
+// ErrLeaseNotHeld or ErrLeaseLost otherwise, and nothing is written then.
+// The release reaches the acceptors in the background; waiters on other
+// nodes take the lock once their acceptors have seen it.
 func (l *Leases) Unlock(ctx context.Context, name string) error {
 	l.mu.Lock()
-	h, ok := l.held[name]
-	if ok {
+	h := l.held[name]
+	if h != nil {
 		delete(l.held, name)
 		close(h.stop)
 	}
 	l.mu.Unlock()
-	if !ok {
+	if h == nil {
 		return fmt.Errorf("unlocking %s: %w", name, ErrLeaseNotHeld)
 	}
 	<-h.done
-	cur, found := l.read(name)
-	if !found || cur.Token != h.token {
-		return nil
+	l.mu.Lock()
+	expired := !time.Now().Before(h.validUntil)
+	seq := h.seq + 1
+	l.mu.Unlock()
+	if expired {
+		l.reportLost(name)
+		return fmt.Errorf("unlocking %s: %w", name, ErrLeaseLost)
 	}
-	err := l.n.Delete(ctx, l.cfg.Bucket, name)
-	if err != nil && !errors.Is(err, ErrAckTimeout) {
+	if err := l.release(name, h.token, seq); err != nil {
 		return fmt.Errorf("unlocking %s: %w", name, err)
 	}
 	return nil
 }
 
-// Renew makes the held lease on name last ttl from now.
-func (l *Leases) Renew(ctx context.Context, name string, ttl time.Duration) error {
-	l.mu.Lock()
-	h, ok := l.held[name]
-	l.mu.Unlock()
-	if !ok {
-		return fmt.Errorf("renewing lock %s: %w", name, ErrLeaseNotHeld)
-	}
-	return l.write(ctx, name, h.token, max(ttl, l.cfg.TTL))
-}
-
-func (l *Leases) refresh(name string, h *heldLease) {
+// renewer renews h every third of its TTL until stopped, and declares it
+// lost when its validity ends without a successful renewal.
+func (l *Leases) renewer(name string, h *heldLease) {
 	defer close(h.done)
-	t := time.NewTicker(l.cfg.TTL / 3)
-	defer t.Stop()
 	for {
+		l.mu.Lock()
+		every, until := h.ttl/3, h.validUntil
+		l.mu.Unlock()
+		tick := time.NewTimer(every)
+		expiry := time.NewTimer(time.Until(until))
 		select {
 		case <-h.stop:
+			tick.Stop()
+			expiry.Stop()
 			return
-		case <-t.C:
+		case <-expiry.C:
+			tick.Stop()
+			if l.lostIfExpired(name, h) {
+				return
+			}
+			continue
+		case <-tick.C:
+			expiry.Stop()
 		}
-		if cur, ok := l.read(name); ok && cur.Token != h.token {
-			return
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), l.cfg.TTL/3)
-		l.write(ctx, name, h.token, l.cfg.TTL)
+		l.mu.Lock()
+		h.seq++
+		seq, ttl := h.seq, h.ttl
+		l.mu.Unlock()
+		ctx, cancel := context.WithCancel(context.Background())
+		go func() {
+			select {
+			case <-h.stop:
+			case <-ctx.Done():
+			}
+			cancel()
+		}()
+		sent, err := l.round(ctx, name, h.token, seq, ttl)
 		cancel()
+		if err == nil {
+			l.extend(h, sent, ttl)
+		} else {
+			l.n.log.Debug("lock renewal not granted", "lock", name, "error", err)
+		}
 	}
 }
 
-func (l *Leases) read(name string) (leaseRecord, bool) {
-	rec, err := l.n.Get(l.cfg.Bucket, name)
-	if err != nil {
-		return leaseRecord{}, false
+// extend moves h's validity to sent + validity(ttl) if that is later.
+func (l *Leases) extend(h *heldLease, sent time.Time, ttl time.Duration) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	h.ttl = ttl
+	if v := sent.Add(validity(ttl)); v.After(h.validUntil) {
+		h.validUntil = v
 	}
-	var lr leaseRecord
-	if err := json.Unmarshal(rec.Value, &lr); err != nil {
-		return leaseRecord{}, false
-	}
-	return lr, true
 }
 
-func (l *Leases) write(ctx context.Context, name, token string, ttl time.Duration) error {
-	b, err := json.Marshal(leaseRecord{Owner: l.cfg.Owner, Token: token, Expires: l.n.cfg.Now().Add(ttl)})
+// lostIfExpired drops h and reports the loss if its validity has ended.
+func (l *Leases) lostIfExpired(name string, h *heldLease) bool {
+	l.mu.Lock()
+	if time.Now().Before(h.validUntil) {
+		l.mu.Unlock()
+		return false
+	}
+	cur := l.held[name] == h
+	if cur {
+		delete(l.held, name)
+	}
+	seq := h.seq + 1
+	l.mu.Unlock()
+	if cur {
+		l.reportLost(name)
+		l.release(name, h.token, seq) // frees acceptors that still grant us
+	}
+	return true
+}
+
+func (l *Leases) reportLost(name string) {
+	l.n.log.Warn("lock lease lost: no majority renewed it in time", "lock", name, "owner", l.cfg.Owner)
+	if l.cfg.OnLost != nil {
+		l.cfg.OnLost(name, fmt.Errorf("lock %s: %w", name, ErrLeaseLost))
+	}
+}
+
+// validity is how long after sending a granted claim the holder counts
+// the lease as its own: ttl less 5% for clock rate differences.
+func validity(ttl time.Duration) time.Duration { return ttl - ttl/20 }
+
+// round sends a claim (token, seq, ttl) for name and waits until a majority
+// of the voters granted it. It returns when the claim was sent (the start
+// of the lease's validity), or an error wrapping ErrNoQuorum if no
+// majority granted it within min(ttl/3, Config.AckTimeout).
+func (l *Leases) round(ctx context.Context, name, token string, seq uint64, ttl time.Duration) (time.Time, error) {
+	n := l.n
+	acc := n.acceptor
+	acc.register()
+	voters := acc.voters(l.cfg.ForgetAfter)
+	need := len(voters)/2 + 1
+	reachable := 1
+	for _, p := range n.alivePeers() {
+		if voters[p.Name] {
+			reachable++
+		}
+	}
+	if reachable < need {
+		return time.Time{}, fmt.Errorf("%w: %d of %d voters reachable, %d needed", ErrNoQuorum, reachable, len(voters), need)
+	}
+	changed := make(chan struct{}, 1)
+	cancel := n.Watch(leaseGrants, func(r Record) {
+		if strings.HasPrefix(r.Key, name+"\x00") {
+			select {
+			case changed <- struct{}{}:
+			default:
+			}
+		}
+	})
+	defer cancel()
+	claim, _ := json.Marshal(leaseClaim{Owner: l.cfg.Owner, Token: token, Seq: seq, TTLms: ttl.Milliseconds()})
+	sent := time.Now()
+	if err := n.writeLease(leaseClaims, name+"\x00"+l.cfg.Owner, claim, false); err != nil {
+		return time.Time{}, err
+	}
+	timer := time.NewTimer(min(ttl/3, n.cfg.AckTimeout))
+	defer timer.Stop()
+	granted := 0
+	for {
+		granted = l.countGrants(name, token, seq, voters)
+		if granted >= need {
+			return sent, nil
+		}
+		select {
+		case <-changed:
+		case <-timer.C:
+			return time.Time{}, fmt.Errorf("%w: %d of %d voters granted it, %d needed", ErrNoQuorum, granted, len(voters), need)
+		case <-ctx.Done():
+			return time.Time{}, ctx.Err()
+		case <-n.ctx.Done():
+			return time.Time{}, ErrClosed
+		}
+	}
+}
+
+// countGrants counts the voters whose grant of name is (token, seq or later).
+func (l *Leases) countGrants(name, token string, seq uint64, voters map[string]bool) int {
+	recs, err := l.n.List(leaseGrants, name+"\x00")
 	if err != nil {
+		return 0
+	}
+	c := 0
+	for _, r := range recs {
+		acceptor := strings.TrimPrefix(r.Key, name+"\x00")
+		var g leaseGrant
+		if !voters[acceptor] || json.Unmarshal(r.Value, &g) != nil {
+			continue
+		}
+		if g.Owner == l.cfg.Owner && g.Token == token && g.Seq >= seq {
+			c++
+		}
+	}
+	return c
+}
+
+// release sends a release claim for (name, token); acceptors that grant
+// exactly that token withdraw their grant, others ignore it.
+func (l *Leases) release(name, token string, seq uint64) error {
+	claim, _ := json.Marshal(leaseClaim{Owner: l.cfg.Owner, Token: token, Seq: seq, Release: true})
+	return l.n.writeLease(leaseClaims, name+"\x00"+l.cfg.Owner, claim, false)
+}
+
+// checkLeaseName validates a lock name.
+func checkLeaseName(name string) error {
+	if name == "" || strings.Contains(name, "\x00") || len(name) > MaxKeyLen-maxNodeName-1 {
+		return fmt.Errorf("%w: lock name must be 1 to %d bytes without NUL", ErrInvalid, MaxKeyLen-maxNodeName-1)
+	}
+	return nil
+}
+
+// writeLease stores a claim, grant or voter record here and pushes it to
+// every alive peer at once (streams, retried for leasePushWindow), without
+// waiting: the grants are the acknowledgement that matters.
+func (n *Node) writeLease(bucket, key string, value []byte, deleted bool) error {
+	if err := checkKey(bucket, key); err != nil {
 		return err
 	}
-	wctx, cancel := context.WithTimeout(ctx, min(leaseAckWait, ttl/3))
-	defer cancel()
-	err = l.n.write(wctx, l.cfg.Bucket, name, b, false, math.MaxInt)
-	if errors.Is(err, ErrAckTimeout) || (errors.Is(err, context.DeadlineExceeded) && ctx.Err() == nil) {
+	if !n.enter() {
+		return ErrClosed
+	}
+	defer n.wg.Done()
+	rec, stored, err := n.writeLocal(bucket, key, value, deleted)
+	if err != nil || !stored {
+		return err
+	}
+	n.broadcast(rec)
+	msg := encodeRecords(msgReplicate, []Record{rec})
+	for _, p := range n.alivePeers() {
+		n.wg.Add(1)
+		go func() {
+			defer n.wg.Done()
+			ctx, cancel := context.WithTimeout(n.ctx, leasePushWindow)
+			defer cancel()
+			if err := n.replicateTo(ctx, p, msg, 1); err != nil {
+				n.log.Debug("lease record not pushed; anti-entropy will bring it", "peer", p.Name, "key", key, "error", err)
+			}
+		}()
+	}
+	return nil
+}
+
+// LeaseInfo is a lock as this node's acceptor sees it.
+type LeaseInfo struct {
+	Name      string
+	Owner     string        // the holder it is granted to
+	Remaining time.Duration // left of the grant by this node's clock; <= 0: expired
+}
+
+// LeaseGrants lists the locks this node's acceptor grants (or granted and
+// saw expire), sorted by name.
+func (n *Node) LeaseGrants() []LeaseInfo {
+	a := n.acceptor
+	if a == nil {
 		return nil
 	}
-	return err
+	now := time.Now()
+	a.mu.Lock()
+	out := make([]LeaseInfo, 0, len(a.grants))
+	for name, g := range a.grants {
+		out = append(out, LeaseInfo{Name: name, Owner: g.Owner, Remaining: g.ttl - now.Sub(g.at)})
+	}
+	a.mu.Unlock()
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// leaseAcceptor grants each lock name to at most one holder at a time (see
+// the top of this file). One per Node, started by Open; it runs in its own
+// goroutine, fed by a Watch of the claims bucket.
+type leaseAcceptor struct {
+	n       *Node
+	started time.Time
+	wake    chan struct{} // capacity 1: queue is not empty
+
+	mu         sync.Mutex // guards the following
+	grants     map[string]*acceptedGrant
+	lastAlive  map[string]time.Time // voter -> last seen alive (monotonic)
+	queue      []Record             // claims to process, in commit order
+	registered bool                 // this node is in "lockvoters" (register)
+}
+
+// acceptedGrant is a grant in force at this acceptor.
+type acceptedGrant struct {
+	leaseGrant
+	ttl time.Duration
+	at  time.Time // monotonic: when granted or last renewed here
+}
+
+func (g *acceptedGrant) live(now time.Time) bool { return now.Sub(g.at) < g.ttl }
+
+// newLeaseAcceptor makes the acceptor of n and subscribes it to claims
+// (before any can arrive); run processes them.
+func newLeaseAcceptor(n *Node) *leaseAcceptor {
+	a := &leaseAcceptor{n: n, started: time.Now(), wake: make(chan struct{}, 1),
+		grants: make(map[string]*acceptedGrant), lastAlive: make(map[string]time.Time)}
+	n.Watch(leaseClaims, func(r Record) {
+		a.mu.Lock()
+		a.queue = append(a.queue, r)
+		a.mu.Unlock()
+		select {
+		case a.wake <- struct{}{}:
+		default:
+		}
+	})
+	return a
+}
+
+// run registers this node as a voter, loads its grants and processes
+// claims until the node closes. The caller did n.wg.Add(1).
+func (a *leaseAcceptor) run() {
+	n := a.n
+	defer n.wg.Done()
+	a.load()
+	tick := time.NewTicker(leaseTick)
+	defer tick.Stop()
+	for {
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-tick.C:
+			a.noteAlive()
+		case <-a.wake:
+			for {
+				a.mu.Lock()
+				batch := a.queue
+				a.queue = nil
+				a.mu.Unlock()
+				if len(batch) == 0 {
+					break
+				}
+				for _, r := range batch {
+					a.handle(r)
+				}
+			}
+		}
+	}
+}
+
+// register records this node in "lockvoters" once, when locks are first
+// used in the circle (its first claim, made or received), so that nodes
+// that never use locks store nothing for them.
+func (a *leaseAcceptor) register() {
+	a.mu.Lock()
+	done := a.registered
+	a.registered = true
+	a.mu.Unlock()
+	if done {
+		return
+	}
+	n := a.n
+	if _, err := n.Get(leaseVoters, n.cfg.Name); errors.Is(err, ErrNotFound) {
+		if err := n.writeLease(leaseVoters, n.cfg.Name, []byte("{}"), false); err != nil && !errors.Is(err, ErrClosed) {
+			n.log.Error("registering as a lock voter", "error", err)
+		}
+	}
+}
+
+// load takes over the grants this node stored before a restart, counting
+// them as given now (the conservative reading: their holder may still
+// hold them).
+func (a *leaseAcceptor) load() {
+	recs, err := a.n.List(leaseGrants, "")
+	if err != nil {
+		return
+	}
+	now := time.Now()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, r := range recs {
+		name, acceptor, ok := strings.Cut(r.Key, "\x00")
+		var g leaseGrant
+		if !ok || acceptor != a.n.cfg.Name || json.Unmarshal(r.Value, &g) != nil {
+			continue
+		}
+		a.grants[name] = &acceptedGrant{leaseGrant: g, ttl: time.Duration(g.TTLms) * time.Millisecond, at: now}
+	}
+}
+
+// noteAlive records which voters are alive now.
+func (a *leaseAcceptor) noteAlive() {
+	now := time.Now()
+	ms := a.n.Members()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, m := range ms {
+		if m.State == "alive" || m.State == "suspect" {
+			a.lastAlive[m.Name] = now
+		}
+	}
+}
+
+// voters returns the circle's voters: every node registered in
+// "lockvoters" or known as a member, this one included, less those not
+// seen alive for forget (if positive).
+func (a *leaseAcceptor) voters(forget time.Duration) map[string]bool {
+	n := a.n
+	out := map[string]bool{n.cfg.Name: true}
+	if recs, err := n.List(leaseVoters, ""); err == nil {
+		for _, r := range recs {
+			out[r.Key] = true
+		}
+	}
+	for _, m := range n.Members() {
+		out[m.Name] = true
+	}
+	a.noteAlive()
+	if forget > 0 {
+		now := time.Now()
+		a.mu.Lock()
+		for name := range out {
+			seen, ok := a.lastAlive[name]
+			if !ok {
+				seen = a.started
+			}
+			if name != n.cfg.Name && now.Sub(seen) > forget {
+				delete(out, name)
+			}
+		}
+		a.mu.Unlock()
+	}
+	return out
+}
+
+// current returns this acceptor's grant of name and whether it is live.
+func (a *leaseAcceptor) current(name string) (leaseGrant, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	g := a.grants[name]
+	if g == nil {
+		return leaseGrant{}, false
+	}
+	return g.leaseGrant, g.live(time.Now())
+}
+
+// handle applies one claim record.
+func (a *leaseAcceptor) handle(r Record) {
+	n := a.n
+	a.register()
+	name, owner, ok := strings.Cut(r.Key, "\x00")
+	if !ok || name == "" {
+		n.log.Warn("ignoring a lock claim with a malformed key", "key", r.Key)
+		return
+	}
+	var c leaseClaim
+	if !r.Deleted {
+		if err := json.Unmarshal(r.Value, &c); err != nil || c.Owner != owner || c.Token == "" {
+			n.log.Warn("ignoring a malformed lock claim", "lock", name, "from", r.Version.Node)
+			return
+		}
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	g := a.grants[name]
+	now := time.Now()
+	switch {
+	case r.Deleted || c.Release:
+		if g == nil || g.Owner != owner || (!r.Deleted && g.Token != c.Token) {
+			return // not ours to withdraw
+		}
+		delete(a.grants, name)
+		a.store(name, nil)
+	case g != nil && g.Token != c.Token && g.live(now):
+		n.log.Debug("lock claim refused: granted to another holder", "lock", name, "claimant", owner, "holder", g.Owner)
+	case g != nil && g.Token == c.Token && c.Seq <= g.Seq:
+		// an old claim of the lease already granted
+	case c.TTLms <= 0:
+		n.log.Warn("ignoring a lock claim without a TTL", "lock", name, "from", owner)
+	default:
+		ng := &acceptedGrant{leaseGrant: leaseGrant{Owner: c.Owner, Token: c.Token, Seq: c.Seq, TTLms: c.TTLms},
+			ttl: time.Duration(c.TTLms) * time.Millisecond, at: now}
+		a.grants[name] = ng
+		a.store(name, &ng.leaseGrant)
+	}
+}
+
+// store writes this acceptor's grant of name (nil: a tombstone). a.mu is
+// held, so grants are stored in decision order.
+func (a *leaseAcceptor) store(name string, g *leaseGrant) {
+	key := name + "\x00" + a.n.cfg.Name
+	var err error
+	if g == nil {
+		err = a.n.writeLease(leaseGrants, key, nil, true)
+	} else {
+		b, _ := json.Marshal(g)
+		err = a.n.writeLease(leaseGrants, key, b, false)
+	}
+	if err != nil && !errors.Is(err, ErrClosed) {
+		a.n.log.Error("storing a lock grant", "lock", name, "error", err)
+	}
 }
 
 func randomHex(n int) string {

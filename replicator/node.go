@@ -68,7 +68,8 @@ type Node struct {
 	lastAE     time.Time
 	lastAEPeer string
 
-	under underReplicated // writes with fewer than Replicas copies (acks.go)
+	under    underReplicated // writes with fewer than Replicas copies (acks.go)
+	acceptor *leaseAcceptor  // grants lock leases (lease.go); set by Open
 
 	pendingAcks   atomic.Int64
 	ackTimeouts   atomic.Uint64
@@ -221,7 +222,9 @@ func Open(cfg Config) (*Node, error) {
 	n.ml.Store(ml)
 	ok = true
 
-	n.wg.Add(4)
+	n.acceptor = newLeaseAcceptor(n)
+	n.wg.Add(5)
+	go n.acceptor.run()
 	go func() { defer n.wg.Done(); n.watch.run(ctx) }()
 	go n.applier()
 	go n.antiEntropyLoop()
