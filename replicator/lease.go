@@ -112,8 +112,14 @@ type Leases struct {
 	closed bool
 }
 
-// heldLease is a lease this holder has. Leases.mu guards its fields.
+// heldLease is a lease this holder has. Leases.mu guards its fields
+// except rounds.
 type heldLease struct {
+	// rounds serialises the claims of this lease (renewals, release), so
+	// that a later claim has a higher seq and a later send time: a grant
+	// counted for a round was then made after that round's claim was sent.
+	rounds sync.Mutex
+
 	token      string
 	seq        uint64        // last claim sequence sent
 	ttl        time.Duration // of the last granted claim
@@ -133,10 +139,11 @@ type leaseClaim struct {
 
 // leaseGrant is the value of a grant record.
 type leaseGrant struct {
-	Owner string `json:"owner"`
-	Token string `json:"token"`
-	Seq   uint64 `json:"seq"`
-	TTLms int64  `json:"ttl_ms"`
+	Owner   string `json:"owner"`
+	Token   string `json:"token"`
+	Seq     uint64 `json:"seq"`
+	TTLms   int64  `json:"ttl_ms"`
+	Refused string `json:"refused,omitempty"` // token of the last claim refused while this grant is live
 }
 
 // NewLeases returns the leases of one holder on n.
@@ -286,6 +293,14 @@ func (l *Leases) Renew(ctx context.Context, name string, ttl time.Duration) erro
 		l.mu.Unlock()
 		return fmt.Errorf("renewing lock %s: %w", name, ErrLeaseNotHeld)
 	}
+	l.mu.Unlock()
+	h.rounds.Lock()
+	defer h.rounds.Unlock()
+	l.mu.Lock()
+	if l.held[name] != h { // unlocked or lost meanwhile
+		l.mu.Unlock()
+		return fmt.Errorf("renewing lock %s: %w", name, ErrLeaseNotHeld)
+	}
 	h.seq++
 	seq := h.seq
 	l.mu.Unlock()
@@ -316,6 +331,8 @@ func (l *Leases) Unlock(ctx context.Context, name string) error {
 		return fmt.Errorf("unlocking %s: %w", name, ErrLeaseNotHeld)
 	}
 	<-h.done
+	h.rounds.Lock() // a Renew in flight finishes first
+	defer h.rounds.Unlock()
 	l.mu.Lock()
 	expired := !time.Now().Before(h.validUntil)
 	seq := h.seq + 1
@@ -347,13 +364,17 @@ func (l *Leases) renewer(name string, h *heldLease) {
 			return
 		case <-expiry.C:
 			tick.Stop()
-			if l.lostIfExpired(name, h) {
+			h.rounds.Lock()
+			lost := l.lostIfExpired(name, h)
+			h.rounds.Unlock()
+			if lost {
 				return
 			}
 			continue
 		case <-tick.C:
 			expiry.Stop()
 		}
+		h.rounds.Lock()
 		l.mu.Lock()
 		h.seq++
 		seq, ttl := h.seq, h.ttl
@@ -368,6 +389,7 @@ func (l *Leases) renewer(name string, h *heldLease) {
 		}()
 		sent, err := l.round(ctx, name, h.token, seq, ttl)
 		cancel()
+		h.rounds.Unlock()
 		if err == nil {
 			l.extend(h, sent, ttl)
 		} else {
@@ -387,6 +409,7 @@ func (l *Leases) extend(h *heldLease, sent time.Time, ttl time.Duration) {
 }
 
 // lostIfExpired drops h and reports the loss if its validity has ended.
+// The caller holds h.rounds.
 func (l *Leases) lostIfExpired(name string, h *heldLease) bool {
 	l.mu.Lock()
 	if time.Now().Before(h.validUntil) {
@@ -455,9 +478,13 @@ func (l *Leases) round(ctx context.Context, name, token string, seq uint64, ttl 
 	defer timer.Stop()
 	granted := 0
 	for {
-		granted = l.countGrants(name, token, seq, voters)
+		var refused int
+		granted, refused = l.countGrants(name, token, seq, voters)
 		if granted >= need {
 			return sent, nil
+		}
+		if len(voters)-refused < need {
+			return time.Time{}, fmt.Errorf("%w: %d of %d voters refused it (granted to another holder), %d needed", ErrNoQuorum, refused, len(voters), need)
 		}
 		select {
 		case <-changed:
@@ -471,24 +498,27 @@ func (l *Leases) round(ctx context.Context, name, token string, seq uint64, ttl 
 	}
 }
 
-// countGrants counts the voters whose grant of name is (token, seq or later).
-func (l *Leases) countGrants(name, token string, seq uint64, voters map[string]bool) int {
+// countGrants counts the voters whose grant of name is (token, seq or
+// later), and those that refused token (they grant another holder).
+func (l *Leases) countGrants(name, token string, seq uint64, voters map[string]bool) (granted, refused int) {
 	recs, err := l.n.List(leaseGrants, name+"\x00")
 	if err != nil {
-		return 0
+		return 0, 0
 	}
-	c := 0
 	for _, r := range recs {
 		acceptor := strings.TrimPrefix(r.Key, name+"\x00")
 		var g leaseGrant
 		if !voters[acceptor] || json.Unmarshal(r.Value, &g) != nil {
 			continue
 		}
-		if g.Owner == l.cfg.Owner && g.Token == token && g.Seq >= seq {
-			c++
+		switch {
+		case g.Owner == l.cfg.Owner && g.Token == token && g.Seq >= seq:
+			granted++
+		case g.Token != token && g.Refused == token:
+			refused++
 		}
 	}
-	return c
+	return granted, refused
 }
 
 // release sends a release claim for (name, token); acceptors that grant
@@ -730,7 +760,12 @@ func (a *leaseAcceptor) current(name string) (leaseGrant, bool) {
 	return g.leaseGrant, g.live(time.Now())
 }
 
-// handle applies one claim record.
+// handle applies one claim record. A claim is granted unless another
+// owner's grant of the name is live here. A claim of a new token by the
+// owner already granted replaces its grant: an owner claims a new token
+// only once it holds the old one no more (unlocked, lost or failed), and
+// the claim may have overwritten the old token's release before this node
+// saw it (one key per owner, last writer wins).
 func (a *leaseAcceptor) handle(r Record) {
 	n := a.n
 	a.register()
@@ -757,8 +792,13 @@ func (a *leaseAcceptor) handle(r Record) {
 		}
 		delete(a.grants, name)
 		a.store(name, nil)
-	case g != nil && g.Token != c.Token && g.live(now):
+	case g != nil && g.Token != c.Token && g.Owner != owner && g.live(now):
+		// Refused: say so in the grant record (the grant itself is
+		// unchanged), so the claimant gives up at once instead of
+		// waiting for its round to time out.
 		n.log.Debug("lock claim refused: granted to another holder", "lock", name, "claimant", owner, "holder", g.Owner)
+		g.Refused = c.Token
+		a.store(name, &g.leaseGrant)
 	case g != nil && g.Token == c.Token && c.Seq <= g.Seq:
 		// an old claim of the lease already granted
 	case c.TTLms <= 0:
