@@ -34,7 +34,7 @@ import (
 const (
 	resendInterval     = time.Second // how often under-replicated records are re-sent
 	resendBatch        = 256         // records per re-send message
-	maxUnderReplicated = 100_000     // tracked records, at most
+	maxUnderReplicated = 20_000      // tracked records, at most (about 100 bytes each)
 )
 
 // Ack tells how many copies an acknowledged write has.
@@ -75,7 +75,16 @@ type underReplicated struct {
 // underEntry is one tracked record.
 type underEntry struct {
 	version Version
-	holders map[string]bool // node names known to hold the version, this one included
+	holders []string // node names known to hold the version, this one included
+}
+
+func (e *underEntry) holds(name string) bool {
+	for _, h := range e.holders {
+		if h == name {
+			return true
+		}
+	}
+	return false
 }
 
 // track records that rec is held by holders only (called by writeAck when
@@ -95,10 +104,7 @@ func (n *Node) trackUnder(rec Record, holders []string) {
 	if u.recs == nil {
 		u.recs = make(map[[2]string]*underEntry)
 	}
-	e := &underEntry{version: rec.Version, holders: map[string]bool{n.cfg.Name: true}}
-	for _, h := range holders {
-		e.holders[h] = true
-	}
+	e := &underEntry{version: rec.Version, holders: append([]string{n.cfg.Name}, holders...)}
 	u.recs[k] = e
 	if !u.started {
 		u.started = true
@@ -117,7 +123,9 @@ func (n *Node) confirmCopy(bucket, key string, v Version, peer string) {
 	if e == nil || e.version != v {
 		return
 	}
-	e.holders[peer] = true
+	if !e.holds(peer) {
+		e.holders = append(e.holders, peer)
+	}
 	if len(e.holders) >= n.cfg.Replicas {
 		delete(u.recs, k)
 	}
@@ -161,7 +169,7 @@ func (n *Node) resendOnce() {
 	n.under.mu.Lock()
 	for k, e := range n.under.recs {
 		for _, p := range peers {
-			if !e.holders[p.Name] {
+			if !e.holds(p.Name) {
 				want[p.Name] = append(want[p.Name], item{k, e.version})
 			}
 		}
