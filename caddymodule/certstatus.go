@@ -201,12 +201,13 @@ func certificatesStatus(n *replicator.Node) []certJSON {
 	return out
 }
 
-// locksStatus lists the locks this node's acceptor grants; the expiry is
-// this node's own reckoning (its clock plus what is left of the grant).
+// locksStatus lists the locks held in the circle as this node sees them;
+// the expiry is this node's own reckoning (its clock plus what is left of
+// its grant).
 func locksStatus(n *replicator.Node) []lockJSON {
 	now := time.Now()
 	var out []lockJSON
-	for _, g := range n.LeaseGrants() {
+	for _, g := range n.Locks() {
 		out = append(out, lockJSON{Name: g.Name, Owner: g.Owner, Expires: now.Add(g.Remaining).UTC().Truncate(time.Millisecond), Expired: g.Remaining <= 0})
 	}
 	return out

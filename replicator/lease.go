@@ -107,8 +107,9 @@ type Leases struct {
 	n   *Node
 	cfg LeaseConfig
 
-	mu     sync.Mutex // guards held and closed
+	mu     sync.Mutex // guards held, trying and closed
 	held   map[string]*heldLease
+	trying map[string]bool // names with a TryLock in flight: one attempt per name at a time
 	closed bool
 }
 
@@ -161,7 +162,7 @@ func NewLeases(n *Node, cfg LeaseConfig) *Leases {
 	if cfg.ForgetAfter == 0 {
 		cfg.ForgetAfter = DefaultLeaseForgetAfter
 	}
-	return &Leases{n: n, cfg: cfg, held: make(map[string]*heldLease)}
+	return &Leases{n: n, cfg: cfg, held: make(map[string]*heldLease), trying: make(map[string]bool)}
 }
 
 // Owner returns this holder's name.
@@ -207,21 +208,32 @@ func (l *Leases) Lock(ctx context.Context, name string) error {
 		}
 	})
 	defer cancel()
+	// Takers that race split the votes (each acceptor grants the claim it
+	// sees first, its own node's usually) and all give up; a release wakes
+	// every waiter at once. Random waits, growing from Poll/4 to Poll,
+	// keep them from retrying in step.
+	backoff := max(l.cfg.Poll/4, time.Millisecond)
 	for {
 		ok, err := l.TryLock(ctx, name)
 		if err != nil || ok {
 			return err
 		}
-		wait := l.cfg.Poll/2 + mrand.N(l.cfg.Poll) // jitter: racing takers do not retry in step
-		t := time.NewTimer(wait)
+		t := time.NewTimer(backoff/2 + mrand.N(backoff))
 		select {
 		case <-ctx.Done():
 			t.Stop()
 			return fmt.Errorf("waiting for lock %s: %w", name, context.Cause(ctx))
 		case <-t.C:
 		case <-released:
-			t.Stop()
+			t.Reset(mrand.N(backoff/2 + 1))
+			select {
+			case <-ctx.Done():
+				t.Stop()
+				return fmt.Errorf("waiting for lock %s: %w", name, context.Cause(ctx))
+			case <-t.C:
+			}
 		}
+		backoff = min(2*backoff, l.cfg.Poll)
 	}
 }
 
@@ -238,22 +250,38 @@ func (l *Leases) TryLock(ctx context.Context, name string) (bool, error) {
 	if err := ctx.Err(); err != nil {
 		return false, err
 	}
+	// One attempt per name at a time: two attempts of one owner would
+	// replace each other's grants (see leaseAcceptor.handle).
 	l.mu.Lock()
 	_, mine := l.held[name]
+	busy := mine || l.trying[name]
 	closed := l.closed
+	if !busy && !closed {
+		l.trying[name] = true
+	}
 	l.mu.Unlock()
 	if closed {
 		return false, fmt.Errorf("taking lock %s: leases closed", name)
 	}
-	if mine {
+	if busy {
 		return false, nil
 	}
+	defer func() {
+		l.mu.Lock()
+		delete(l.trying, name)
+		l.mu.Unlock()
+	}()
 	acc := l.n.acceptor
 	if acc == nil {
 		return false, ErrClosed
 	}
 	if g, live := acc.current(name); live && g.Owner != l.cfg.Owner {
 		return false, nil // granted to another holder here: no need to ask
+	}
+	if recs, err := l.n.List(leaseGrants, name+"\x00"); err == nil {
+		if g, ok := majorityGrant(recs, name, acc.voters(l.cfg.ForgetAfter)); ok && g.Owner != l.cfg.Owner {
+			return false, nil // a majority's grants name another holder
+		}
 	}
 	token := randomHex(16)
 	sent, err := l.round(ctx, name, token, 1, l.cfg.TTL)
@@ -322,29 +350,35 @@ func (l *Leases) Renew(ctx context.Context, name string, ttl time.Duration) erro
 func (l *Leases) Unlock(ctx context.Context, name string) error {
 	l.mu.Lock()
 	h := l.held[name]
-	if h != nil {
-		delete(l.held, name)
-		close(h.stop)
-	}
 	l.mu.Unlock()
 	if h == nil {
 		return fmt.Errorf("unlocking %s: %w", name, ErrLeaseNotHeld)
 	}
-	<-h.done
-	h.rounds.Lock() // a Renew in flight finishes first
-	defer h.rounds.Unlock()
+	// Under h.rounds, so that no renewal of this lease is written after
+	// the release (it would grant it again), and the lease is dropped from
+	// held only then (a new TryLock of this owner must come after both).
+	h.rounds.Lock()
 	l.mu.Lock()
+	if l.held[name] != h { // lost or unlocked while we waited
+		l.mu.Unlock()
+		h.rounds.Unlock()
+		return fmt.Errorf("unlocking %s: %w", name, ErrLeaseNotHeld)
+	}
+	delete(l.held, name)
+	close(h.stop)
 	expired := !time.Now().Before(h.validUntil)
 	seq := h.seq + 1
 	l.mu.Unlock()
+	var err error
 	if expired {
 		l.reportLost(name)
-		return fmt.Errorf("unlocking %s: %w", name, ErrLeaseLost)
+		err = fmt.Errorf("unlocking %s: %w", name, ErrLeaseLost)
+	} else if rerr := l.release(name, h.token, seq); rerr != nil {
+		err = fmt.Errorf("unlocking %s: %w", name, rerr)
 	}
-	if err := l.release(name, h.token, seq); err != nil {
-		return fmt.Errorf("unlocking %s: %w", name, err)
-	}
-	return nil
+	h.rounds.Unlock()
+	<-h.done
+	return err
 }
 
 // renewer renews h every third of its TTL until stopped, and declares it
@@ -375,6 +409,12 @@ func (l *Leases) renewer(name string, h *heldLease) {
 			expiry.Stop()
 		}
 		h.rounds.Lock()
+		select {
+		case <-h.stop: // unlocked or closed while we waited: write nothing more
+			h.rounds.Unlock()
+			return
+		default:
+		}
 		l.mu.Lock()
 		h.seq++
 		seq, ttl := h.seq, h.ttl
@@ -567,29 +607,71 @@ func (n *Node) writeLease(bucket, key string, value []byte, deleted bool) error 
 	return nil
 }
 
-// LeaseInfo is a lock as this node's acceptor sees it.
+// LeaseInfo is a held lock as this node sees it.
 type LeaseInfo struct {
-	Name      string
-	Owner     string        // the holder it is granted to
-	Remaining time.Duration // left of the grant by this node's clock; <= 0: expired
+	Name  string
+	Owner string // the holder a majority of the voters grant it to
+	// Remaining is what is left of this node's own grant of it by this
+	// node's clock, or the lease's TTL if this node is not among the
+	// granting voters.
+	Remaining time.Duration
 }
 
-// LeaseGrants lists the locks this node's acceptor grants (or granted and
-// saw expire), sorted by name.
-func (n *Node) LeaseGrants() []LeaseInfo {
+// Locks lists the locks held in the circle as this node sees them: those
+// that a majority of the voters' grant records (as replicated here) give
+// to one holder, sorted by name. Acceptors withdraw their grants when they
+// expire, so a crashed holder's lock leaves the list after its TTL.
+func (n *Node) Locks() []LeaseInfo {
 	a := n.acceptor
 	if a == nil {
 		return nil
 	}
-	now := time.Now()
-	a.mu.Lock()
-	out := make([]LeaseInfo, 0, len(a.grants))
-	for name, g := range a.grants {
-		out = append(out, LeaseInfo{Name: name, Owner: g.Owner, Remaining: g.ttl - now.Sub(g.at)})
+	recs, err := n.List(leaseGrants, "")
+	if err != nil {
+		return nil
 	}
-	a.mu.Unlock()
+	voters := a.voters(DefaultLeaseForgetAfter)
+	names := map[string]bool{}
+	for _, r := range recs {
+		if name, _, ok := strings.Cut(r.Key, "\x00"); ok {
+			names[name] = true
+		}
+	}
+	var out []LeaseInfo
+	now := time.Now()
+	for name := range names {
+		g, ok := majorityGrant(recs, name, voters)
+		if !ok {
+			continue
+		}
+		info := LeaseInfo{Name: name, Owner: g.Owner, Remaining: time.Duration(g.TTLms) * time.Millisecond}
+		a.mu.Lock()
+		if mine := a.grants[name]; mine != nil && mine.Token == g.Token {
+			info.Remaining = mine.ttl - now.Sub(mine.at)
+		}
+		a.mu.Unlock()
+		out = append(out, info)
+	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
 	return out
+}
+
+// majorityGrant returns the grant of name that a majority of voters give
+// to one token, among recs (grant records, any names).
+func majorityGrant(recs []Record, name string, voters map[string]bool) (leaseGrant, bool) {
+	count := map[string]int{}
+	for _, r := range recs {
+		n, acceptor, ok := strings.Cut(r.Key, "\x00")
+		var g leaseGrant
+		if !ok || n != name || !voters[acceptor] || json.Unmarshal(r.Value, &g) != nil {
+			continue
+		}
+		count[g.Token]++
+		if count[g.Token] >= len(voters)/2+1 {
+			return g, true
+		}
+	}
+	return leaseGrant{}, false
 }
 
 // leaseAcceptor grants each lock name to at most one holder at a time (see
@@ -641,12 +723,16 @@ func (a *leaseAcceptor) run() {
 	a.load()
 	tick := time.NewTicker(leaseTick)
 	defer tick.Stop()
+	expire := time.NewTimer(leaseTick)
+	defer expire.Stop()
 	for {
+		expire.Reset(a.withdrawExpired())
 		select {
 		case <-n.ctx.Done():
 			return
 		case <-tick.C:
 			a.noteAlive()
+		case <-expire.C:
 		case <-a.wake:
 			for {
 				a.mu.Lock()
@@ -702,6 +788,27 @@ func (a *leaseAcceptor) load() {
 		}
 		a.grants[name] = &acceptedGrant{leaseGrant: g, ttl: time.Duration(g.TTLms) * time.Millisecond, at: now}
 	}
+}
+
+// withdrawExpired withdraws the grants that expired here, so that the
+// replicated grant records (Locks, TryLock's first look) show only live
+// locks; a late renewal of one is simply granted again (the name is
+// free). It returns how long until the next grant expires (at most
+// leaseTick).
+func (a *leaseAcceptor) withdrawExpired() time.Duration {
+	now := time.Now()
+	next := leaseTick
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for name, g := range a.grants {
+		if left := g.ttl - now.Sub(g.at); left > 0 {
+			next = min(next, left)
+			continue
+		}
+		delete(a.grants, name)
+		a.store(name, nil)
+	}
+	return next
 }
 
 // noteAlive records which voters are alive now.
