@@ -303,6 +303,9 @@ func (l *Leases) TryLock(ctx context.Context, name string) (bool, error) {
 	}
 	l.held[name] = h
 	l.mu.Unlock()
+	if prev, ok := acc.takenOver(name, token); ok {
+		l.n.log.Info("taking over expired lock", "lock", name, "previous_owner", prev, "owner", l.cfg.Owner)
+	}
 	go l.renewer(name, h)
 	return true, nil
 }
@@ -687,6 +690,8 @@ type leaseAcceptor struct {
 	lastAlive  map[string]time.Time // voter -> last seen alive (monotonic)
 	queue      []Record             // claims to process, in commit order
 	registered bool                 // this node is in "lockvoters" (register)
+	expired    map[string]string    // lock name -> owner whose grant expired unreleased
+	tookOver   map[string][2]string // lock name -> {token granted next, that previous owner}
 }
 
 // acceptedGrant is a grant in force at this acceptor.
@@ -702,7 +707,8 @@ func (g *acceptedGrant) live(now time.Time) bool { return now.Sub(g.at) < g.ttl 
 // (before any can arrive); run processes them.
 func newLeaseAcceptor(n *Node) *leaseAcceptor {
 	a := &leaseAcceptor{n: n, started: time.Now(), wake: make(chan struct{}, 1),
-		grants: make(map[string]*acceptedGrant), lastAlive: make(map[string]time.Time)}
+		grants: make(map[string]*acceptedGrant), lastAlive: make(map[string]time.Time),
+		expired: make(map[string]string), tookOver: make(map[string][2]string)}
 	n.Watch(leaseClaims, func(r Record) {
 		a.mu.Lock()
 		a.queue = append(a.queue, r)
@@ -806,9 +812,24 @@ func (a *leaseAcceptor) withdrawExpired() time.Duration {
 			continue
 		}
 		delete(a.grants, name)
+		a.expired[name] = g.Owner
+		a.n.log.Info("lock lease expired without release", "lock", name, "owner", g.Owner)
 		a.store(name, nil)
 	}
 	return next
+}
+
+// takenOver returns the owner whose unreleased, expired grant of name this
+// acceptor replaced by its grant of token, if any.
+func (a *leaseAcceptor) takenOver(name, token string) (string, bool) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	t := a.tookOver[name]
+	if t[0] != token {
+		return "", false
+	}
+	delete(a.tookOver, name)
+	return t[1], true
 }
 
 // noteAlive records which voters are alive now.
@@ -898,6 +919,8 @@ func (a *leaseAcceptor) handle(r Record) {
 			return // not ours to withdraw
 		}
 		delete(a.grants, name)
+		delete(a.expired, name)
+		delete(a.tookOver, name)
 		a.store(name, nil)
 	case g != nil && g.Token != c.Token && g.Owner != owner && g.live(now):
 		// Refused: say so in the grant record (the grant itself is
@@ -914,6 +937,13 @@ func (a *leaseAcceptor) handle(r Record) {
 		ng := &acceptedGrant{leaseGrant: leaseGrant{Owner: c.Owner, Token: c.Token, Seq: c.Seq, TTLms: c.TTLms},
 			ttl: time.Duration(c.TTLms) * time.Millisecond, at: now}
 		a.grants[name] = ng
+		if prev, ok := a.expired[name]; ok && prev != owner {
+			a.tookOver[name] = [2]string{c.Token, prev}
+		}
+		if g != nil && g.Owner != owner && !g.live(now) {
+			a.tookOver[name] = [2]string{c.Token, g.Owner}
+		}
+		delete(a.expired, name)
 		a.store(name, &ng.leaseGrant)
 	}
 }
