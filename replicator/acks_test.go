@@ -53,3 +53,39 @@ func TestPutReportsCopies(t *testing.T) {
 		t.Fatalf("DeleteWithAck on three nodes = %+v, %v", ack, err)
 	}
 }
+
+// TestUnderReplicatedResentOnReturn: a node is down when a write is made;
+// the write reports 2 of 3 copies, and when the node comes back the record
+// is re-sent to it and the count clears.
+func TestUnderReplicatedResentOnReturn(t *testing.T) {
+	dir := t.TempDir()
+	var nodes []*Node
+	var cfgs []Config
+	for i, name := range []string{"a", "b", "c"} {
+		cfg := testConfig(t, dir, name)
+		cfg.Replicas = 3
+		cfg.AntiEntropyInterval = time.Hour // copies must come from the re-send
+		if i > 0 {
+			cfg.Join = []string{nodes[0].Addr()}
+		}
+		n := open(t, cfg)
+		cfg.BindAddr = n.Addr() // the same address when it comes back
+		nodes, cfgs = append(nodes, n), append(cfgs, cfg)
+	}
+	waitConverged(t, nodes...)
+	if err := nodes[2].shutdown(false); err != nil { // a crash
+		t.Fatal(err)
+	}
+	waitFor(t, 15*time.Second, "c dead on a", func() bool { return aliveCount(nodes[0]) == 2 })
+	ack, err := nodes[0].PutWithAck(ctxT(t), "x", "k", []byte("v"))
+	if err != nil || ack.Copies != 2 || ack.Want != 3 {
+		t.Fatalf("PutWithAck with c down = %+v, %v; want 2 of 3", ack, err)
+	}
+	if got := nodes[0].Stats().UnderReplicated; got != 1 {
+		t.Fatalf("UnderReplicated = %d, want 1", got)
+	}
+	back := open(t, cfgs[2])
+	waitFor(t, 20*time.Second, "the record re-sent to c", func() bool {
+		return nodes[0].Stats().UnderReplicated == 0 && valueIs(back, "x", "k", "v")
+	})
+}

@@ -2,6 +2,7 @@ package replicator
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"sync"
 	"sync/atomic"
@@ -127,9 +128,14 @@ func TestLeaseLostAndRenew(t *testing.T) {
 	rejoin(t, nodes)
 	if err := ls[0].Renew(ctxT(t), "x", time.Minute); err == nil {
 		t.Fatal("Renew of a lease another holder took succeeded")
+	} else if !errors.Is(err, ErrLeaseNotHeld) && !errors.Is(err, ErrLeaseLost) {
+		t.Fatalf("Renew of a lost lease: %v", err)
 	}
 	if err := ls[0].Unlock(ctxT(t), "x"); err == nil {
 		t.Fatal("Unlock of a lease another holder took succeeded")
+	}
+	if err := ls[2].Renew(ctxT(t), "x", time.Minute); !errors.Is(err, ErrLeaseNotHeld) {
+		t.Fatalf("Renew by a holder that never had the lease: %v", err)
 	}
 	holdsFor(t, 3*ttl, "n1 keeps the lock", func() bool {
 		ok, _ := ls[2].TryLock(ctxT(t), "x")
