@@ -107,9 +107,10 @@ type Leases struct {
 	n   *Node
 	cfg LeaseConfig
 
-	mu     sync.Mutex // guards held, trying and closed
+	mu     sync.Mutex // guards held, trying, used and closed
 	held   map[string]*heldLease
 	trying map[string]bool // names with a TryLock in flight: one attempt per name at a time
+	used   map[string]bool // names this holder wrote a claim for (Close removes them)
 	closed bool
 }
 
@@ -162,7 +163,7 @@ func NewLeases(n *Node, cfg LeaseConfig) *Leases {
 	if cfg.ForgetAfter == 0 {
 		cfg.ForgetAfter = DefaultLeaseForgetAfter
 	}
-	return &Leases{n: n, cfg: cfg, held: make(map[string]*heldLease), trying: make(map[string]bool)}
+	return &Leases{n: n, cfg: cfg, held: make(map[string]*heldLease), trying: make(map[string]bool), used: make(map[string]bool)}
 }
 
 // Owner returns this holder's name.
@@ -171,10 +172,23 @@ func (l *Leases) Owner() string { return l.cfg.Owner }
 // Close stops renewing every held lease (they expire after their TTL) and
 // makes further TryLock calls fail. It does not release them: a holder
 // that is closed while working under a lock keeps others out until then.
+// The claims of the names it does not hold are deleted (tombstones), so
+// that holders that come and go (every config reload makes one) leave no
+// live records behind.
 func (l *Leases) Close() {
 	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return
+	}
 	l.closed = true
 	var dones []chan struct{}
+	var unused []string
+	for name := range l.used {
+		if l.held[name] == nil {
+			unused = append(unused, name)
+		}
+	}
 	for name, h := range l.held {
 		close(h.stop)
 		dones = append(dones, h.done)
@@ -183,6 +197,13 @@ func (l *Leases) Close() {
 	l.mu.Unlock()
 	for _, d := range dones {
 		<-d
+	}
+	for _, name := range unused {
+		// A tombstone withdraws only this owner's grants, and this owner
+		// holds none of these names and will claim nothing more.
+		if err := l.n.writeLease(leaseClaims, name+"\x00"+l.cfg.Owner, nil, true); err != nil && !errors.Is(err, ErrClosed) {
+			l.n.log.Debug("removing a lock claim", "lock", name, "error", err)
+		}
 	}
 }
 
@@ -513,6 +534,9 @@ func (l *Leases) round(ctx context.Context, name, token string, seq uint64, ttl 
 	})
 	defer cancel()
 	claim, _ := json.Marshal(leaseClaim{Owner: l.cfg.Owner, Token: token, Seq: seq, TTLms: ttl.Milliseconds()})
+	l.mu.Lock()
+	l.used[name] = true
+	l.mu.Unlock()
 	sent := time.Now()
 	if err := n.writeLease(leaseClaims, name+"\x00"+l.cfg.Owner, claim, false); err != nil {
 		return time.Time{}, err
@@ -899,7 +923,9 @@ func (a *leaseAcceptor) handle(r Record) {
 	a.register()
 	name, owner, ok := strings.Cut(r.Key, "\x00")
 	if !ok || name == "" {
-		n.log.Warn("ignoring a lock claim with a malformed key", "key", r.Key)
+		// The previous release stored leases under the bare lock name:
+		// only seen in a circle that is being upgraded.
+		n.log.Debug("ignoring a lock record without an owner in its key", "key", r.Key)
 		return
 	}
 	var c leaseClaim
