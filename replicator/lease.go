@@ -85,8 +85,10 @@ type LeaseConfig struct {
 	// every third of it. Default 30s.
 	TTL time.Duration
 
-	// Poll is how often a waiting Lock tries again (with ±50% jitter); it
-	// also wakes when a grant of the name is withdrawn. Default 1s.
+	// Poll is how often, at most, a waiting Lock tries again (after random
+	// waits growing from Poll/4 to Poll, so that racing takers fall out of
+	// step); it also wakes when a grant of the name is withdrawn.
+	// Default 1s.
 	Poll time.Duration
 
 	// ForgetAfter: a voter that this node has not seen alive for this long
@@ -217,7 +219,8 @@ func (l *Leases) Held(name string) bool {
 }
 
 // Lock waits until this holder holds name, or ctx ends. It tries again
-// every Poll (with jitter) and as soon as a grant of name is withdrawn.
+// after random waits of up to Poll, and soon after a grant of name is
+// withdrawn.
 func (l *Leases) Lock(ctx context.Context, name string) error {
 	released := make(chan struct{}, 1)
 	cancel := l.n.Watch(leaseGrants, func(r Record) {
