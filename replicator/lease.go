@@ -730,12 +730,14 @@ type acceptedGrant struct {
 
 func (g *acceptedGrant) live(now time.Time) bool { return now.Sub(g.at) < g.ttl }
 
-// newLeaseAcceptor makes the acceptor of n and subscribes it to claims
-// (before any can arrive); run processes them.
+// newLeaseAcceptor makes the acceptor of n, loads the grants it stored
+// before and subscribes it to claims (before any can arrive); run
+// processes them.
 func newLeaseAcceptor(n *Node) *leaseAcceptor {
 	a := &leaseAcceptor{n: n, started: time.Now(), wake: make(chan struct{}, 1),
 		grants: make(map[string]*acceptedGrant), lastAlive: make(map[string]time.Time),
 		expired: make(map[string]string), tookOver: make(map[string][2]string)}
+	a.load()
 	n.Watch(leaseClaims, func(r Record) {
 		a.mu.Lock()
 		a.queue = append(a.queue, r)
@@ -748,12 +750,11 @@ func newLeaseAcceptor(n *Node) *leaseAcceptor {
 	return a
 }
 
-// run registers this node as a voter, loads its grants and processes
-// claims until the node closes. The caller did n.wg.Add(1).
+// run processes claims, notes which voters are alive and withdraws
+// expired grants until the node closes. The caller did n.wg.Add(1).
 func (a *leaseAcceptor) run() {
 	n := a.n
 	defer n.wg.Done()
-	a.load()
 	tick := time.NewTicker(leaseTick)
 	defer tick.Stop()
 	expire := time.NewTimer(leaseTick)
