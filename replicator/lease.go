@@ -712,10 +712,14 @@ type leaseAcceptor struct {
 	started time.Time
 	wake    chan struct{} // capacity 1: queue is not empty
 
+	// qmu guards queue; the Watch callback only takes qmu, so a grant
+	// being stored (fsync, under mu) never holds up the node's watchers.
+	qmu   sync.Mutex
+	queue []Record // claims to process, in commit order
+
 	mu         sync.Mutex // guards the following
 	grants     map[string]*acceptedGrant
 	lastAlive  map[string]time.Time // voter -> last seen alive (monotonic)
-	queue      []Record             // claims to process, in commit order
 	registered bool                 // this node is in "lockvoters" (register)
 	expired    map[string]string    // lock name -> owner whose grant expired unreleased
 	tookOver   map[string][2]string // lock name -> {token granted next, that previous owner}
@@ -739,9 +743,9 @@ func newLeaseAcceptor(n *Node) *leaseAcceptor {
 		expired: make(map[string]string), tookOver: make(map[string][2]string)}
 	a.load()
 	n.Watch(leaseClaims, func(r Record) {
-		a.mu.Lock()
+		a.qmu.Lock()
 		a.queue = append(a.queue, r)
-		a.mu.Unlock()
+		a.qmu.Unlock()
 		select {
 		case a.wake <- struct{}{}:
 		default:
@@ -769,10 +773,10 @@ func (a *leaseAcceptor) run() {
 		case <-expire.C:
 		case <-a.wake:
 			for {
-				a.mu.Lock()
+				a.qmu.Lock()
 				batch := a.queue
 				a.queue = nil
-				a.mu.Unlock()
+				a.qmu.Unlock()
 				if len(batch) == 0 {
 					break
 				}
