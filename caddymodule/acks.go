@@ -18,9 +18,8 @@ import (
 // TLS-ALPN-01 token must be answerable by every node before the CA is told
 // to validate (the CA may ask any of them), a certificate must be
 // everywhere before the lock that protected its issuance is released (so a
-// waiting node finds it instead of ordering again), and a lock lease must
-// have met every concurrent taker before anyone decides who holds it. Those
-// writes use replicator.PutAll, acknowledged by every alive node. Nodes that
+// waiting node finds it instead of ordering again). Those writes use
+// replicator.PutAll, acknowledged by every alive node. Nodes that
 // are suspect, dead or gone are not waited for; a node that joins later gets
 // the records by anti-entropy before it serves (see waitInitialSync).
 

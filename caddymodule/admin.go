@@ -247,7 +247,10 @@ type replicationJSON struct {
 	Replicas   int  `json:"replicas"`
 	AlivePeers int  `json:"alive_peers"`
 	Healthy    bool `json:"healthy"`
-	Stats      any  `json:"stats"`
+	// UnderReplicated counts records written here that fewer than
+	// replicas nodes are known to hold (re-sent as nodes return).
+	UnderReplicated int `json:"under_replicated"`
+	Stats           any `json:"stats"`
 }
 
 func (a *adminAPI) handleStatus(w http.ResponseWriter, r *http.Request, app *App) error {
@@ -299,11 +302,13 @@ func (a *adminAPI) handleStatus(w http.ResponseWriter, r *http.Request, app *App
 		st.Members = append(st.Members, mj)
 	}
 	sort.Slice(st.Members, func(i, j int) bool { return st.Members[i].Name < st.Members[j].Name })
+	stats := repl.Stats()
 	st.Replication = replicationJSON{
-		Replicas:   app.Replicas,
-		AlivePeers: alive,
-		Healthy:    alive+1 >= app.Replicas,
-		Stats:      repl.Stats(),
+		Replicas:        app.Replicas,
+		AlivePeers:      alive,
+		Healthy:         alive+1 >= app.Replicas && stats.UnderReplicated == 0,
+		UnderReplicated: stats.UnderReplicated,
+		Stats:           stats,
 	}
 	if accts, err := app.Identity().Accounts(); err == nil {
 		st.Accounts = len(accts)

@@ -201,20 +201,14 @@ func certificatesStatus(n *replicator.Node) []certJSON {
 	return out
 }
 
-// locksStatus lists the lock leases in the store.
+// locksStatus lists the locks held in the circle as this node sees them;
+// the expiry is this node's own reckoning (its clock plus what is left of
+// its grant).
 func locksStatus(n *replicator.Node) []lockJSON {
-	recs, err := n.List(bucketLocks, "")
-	if err != nil {
-		return nil
-	}
 	now := time.Now()
 	var out []lockJSON
-	for _, r := range recs {
-		var lr leaseRecord
-		if json.Unmarshal(r.Value, &lr) != nil {
-			continue
-		}
-		out = append(out, lockJSON{Name: r.Key, Owner: lr.Owner, Expires: lr.Expires.UTC(), Expired: now.After(lr.Expires)})
+	for _, g := range n.Locks() {
+		out = append(out, lockJSON{Name: g.Name, Owner: g.Owner, Expires: now.Add(g.Remaining).UTC().Truncate(time.Millisecond), Expired: g.Remaining <= 0})
 	}
 	return out
 }

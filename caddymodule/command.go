@@ -271,6 +271,9 @@ func printStatus(w io.Writer, st statusJSON) {
 	if !st.Replication.Healthy {
 		health = "degraded: fewer nodes up than replicas"
 	}
+	if n := st.Replication.UnderReplicated; n > 0 {
+		health = fmt.Sprintf("degraded: %d records on fewer than %d nodes", n, st.Replication.Replicas)
+	}
 	fmt.Fprintf(w, "replication: %s (replicas %d, %d peers alive), %d accounts\n\n",
 		health, st.Replication.Replicas, st.Replication.AlivePeers, st.Accounts)
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)

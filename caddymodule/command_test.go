@@ -45,10 +45,10 @@ func TestPrintStatus(t *testing.T) {
 			{Name: "gamma", Addr: "127.0.0.1:3", State: "alive", Path: "direct", ClockOffset: "10m0.002s", ClockSkewed: true},
 		},
 		MaxClockSkew: "1m0s",
-		Replication:  replicationJSON{Replicas: 2, AlivePeers: 0},
+		Replication:  replicationJSON{Replicas: 2, AlivePeers: 0, UnderReplicated: 3},
 	})
 	out := b.String()
-	for _, want := range []string{"node alpha of circle circle.test", "role: member", "degraded", "MEMBER", "beta", "dead", "+3ms", "+10m0.002s (beyond max 1m0s"} {
+	for _, want := range []string{"node alpha of circle circle.test", "role: member", "degraded: 3 records on fewer than 2 nodes", "MEMBER", "beta", "dead", "+3ms", "+10m0.002s (beyond max 1m0s"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("status output lacks %q:\n%s", want, out)
 		}

@@ -6,21 +6,18 @@ import (
 	"crypto/cipher"
 	"crypto/rand"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
 	"path"
 	"sort"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/caddyserver/caddy/v2"
 	"github.com/caddyserver/certmagic"
 	"go.uber.org/zap"
 
-	"github.com/homecircle/circle/caddymodule/circlenode"
 	"github.com/homecircle/circle/replicator"
 )
 
@@ -28,11 +25,9 @@ func init() {
 	caddy.RegisterModule(Storage{})
 }
 
-// Buckets used by the storage.
-const (
-	bucketCerts = "certs"
-	bucketLocks = "locks"
-)
+// bucketCerts holds the certmagic keys. Locks live in the replicator's
+// lease buckets ("locks", "lockgrants", "lockvoters"; replicator/lease.go).
+const bucketCerts = "certs"
 
 // Storage defaults.
 const (
@@ -42,10 +37,6 @@ const (
 	DefaultLockPoll = time.Second
 	// defaultAckWait bounds how long a write waits for every alive node.
 	defaultAckWait = 5 * time.Second
-	// defaultLockSettle is how long a new lease is left to meet concurrent
-	// takers' leases (after every alive node acknowledged it) before the
-	// taker reads back who holds the lock.
-	defaultLockSettle = 150 * time.Millisecond
 )
 
 // sealedVersion is the first byte of a value encrypted at rest. Layout:
@@ -58,10 +49,10 @@ const sealedVersion = 1
 // replicated store, so every node serves the same certificates and the same
 // internal CA. Keys are stored in bucket "certs"; values of keys ending in
 // ".key" are encrypted at rest with AES-256-GCM under
-// HKDF-SHA256(circle secret, "circle storage keys v1"). Locks are leases in
-// bucket "locks" ({owner, expires}) that a holder refreshes and that others
-// take over once expired: a gossip store cannot give mutual exclusion, so a
-// rare duplicate ACME order during a partition is possible and tolerable.
+// HKDF-SHA256(circle secret, "circle storage keys v1"). Locks are
+// replicator.Leases: granted by a majority of the circle's nodes, expiring
+// by durations measured locally, renewed and released only by their holder
+// (docs/INTERNALS.md, "Locks").
 //
 // It needs the `circle` app (the global option), whose node it uses.
 type Storage struct {
@@ -73,34 +64,13 @@ type Storage struct {
 	// Default: 1s.
 	LockPollInterval caddy.Duration `json:"lock_poll_interval,omitempty"`
 
-	node       *replicator.Node
-	aead       cipher.AEAD
-	owner      string // this storage instance: node name + random suffix
-	logger     *zap.Logger
-	ackWait    time.Duration // bound of the all-alive acknowledgement wait
-	lockSettle time.Duration // see defaultLockSettle
-
-	mu   *sync.Mutex       // guards held (a pointer: the module value is copied by CaddyModule)
-	held map[string]*lease // locks this instance holds, by name
+	node    *replicator.Node
+	aead    cipher.AEAD
+	logger  *zap.Logger
+	ackWait time.Duration      // bound of the all-alive acknowledgement wait
+	locks   *replicator.Leases // this instance's lock leases
 
 	cas *caCreations // CA creations this instance holds the lock of (castart.go)
-}
-
-// leaseMu serialises taking leases within this process.
-var leaseMu sync.Mutex
-
-// lease is a lock held by this instance.
-type lease struct {
-	token string
-	stop  chan struct{} // closed to stop the refresher
-	done  chan struct{} // closed when the refresher returned
-}
-
-// leaseRecord is the value of a lock in bucket "locks".
-type leaseRecord struct {
-	Owner   string    `json:"owner"`
-	Token   string    `json:"token"`
-	Expires time.Time `json:"expires"`
 }
 
 // CaddyModule returns the Caddy module information.
@@ -153,29 +123,26 @@ func (s *Storage) init(node *replicator.Node, nodeName string, key []byte) error
 	if s.ackWait <= 0 {
 		s.ackWait = defaultAckWait
 	}
-	if s.lockSettle <= 0 {
-		s.lockSettle = defaultLockSettle
-	}
 	s.node = node
-	s.owner = nodeName + "/" + randomHex(8)
-	s.mu = new(sync.Mutex)
-	s.held = make(map[string]*lease)
 	s.cas = newCACreations()
+	logger := s.logger
+	s.locks = replicator.NewLeases(node, replicator.LeaseConfig{
+		Owner: nodeName + "/" + randomHex(8),
+		TTL:   time.Duration(s.LockTTL),
+		Poll:  time.Duration(s.LockPollInterval),
+		OnLost: func(name string, err error) {
+			logger.Error("lock lease lost", zap.String("lock", name), zap.Error(err))
+		},
+	})
 	return nil
 }
 
 // Cleanup stops the lease refreshers of this instance; leases it still
 // holds then expire on their own.
 func (s *Storage) Cleanup() error {
-	if s.mu == nil {
-		return nil
-	}
 	s.endCreations()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	for name, l := range s.held {
-		close(l.stop)
-		delete(s.held, name)
+	if s.locks != nil {
+		s.locks.Close()
 	}
 	return nil
 }
@@ -464,177 +431,32 @@ func versionTime(v replicator.Version) time.Time {
 	return time.UnixMilli(int64(v.Time >> 16))
 }
 
-// Lock implements certmagic.Locker: it waits until the lease for name is
-// free or expired, then takes it and keeps it fresh until Unlock. It looks
-// again every LockPollInterval (for expiry) and at once when the lease is
-// released.
+// Lock implements certmagic.Locker on the circle's leases (see
+// replicator.Leases): it waits until this instance holds name.
 func (s *Storage) Lock(ctx context.Context, name string) error {
-	poll := time.NewTicker(time.Duration(s.LockPollInterval))
-	defer poll.Stop()
-	released := make(chan struct{}, 1)
-	cancel := s.node.Watch(bucketLocks, func(r replicator.Record) {
-		if r.Key == name && r.Deleted {
-			select {
-			case released <- struct{}{}:
-			default:
-			}
-		}
-	})
-	defer cancel()
-	for {
-		ok, err := s.TryLock(ctx, name)
-		if err != nil || ok {
-			return err
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("waiting for lock %s: %w", name, context.Cause(ctx))
-		case <-poll.C:
-		case <-released:
-		}
-	}
+	return s.locks.Lock(ctx, name)
 }
 
 // TryLock implements certmagic.TryLocker: one attempt to take the lease.
 func (s *Storage) TryLock(ctx context.Context, name string) (bool, error) {
-	if err := ctx.Err(); err != nil {
-		return false, err
-	}
-	s.mu.Lock()
-	_, mine := s.held[name]
-	s.mu.Unlock()
-	if mine {
-		return false, nil // held by this instance: only one holder at a time
-	}
-	// Within this process, check-and-write is one step, so instances on the
-	// same node exclude each other exactly (a later taker sees our lease);
-	// across nodes the lease is best effort (the higher version wins once
-	// both writes have met).
-	token := randomHex(16)
-	leaseMu.Lock()
-	if cur, ok := s.readLease(name); ok && time.Now().Before(cur.Expires) {
-		leaseMu.Unlock()
-		return false, nil
-	} else if ok {
-		s.logger.Info("taking over expired lock", zap.String("lock", name), zap.String("previous_owner", cur.Owner))
-	}
-	err := s.writeLease(ctx, name, token, time.Duration(s.LockTTL))
-	leaseMu.Unlock()
-	if err != nil {
-		return false, fmt.Errorf("taking lock %s: %w", name, err)
-	}
-	// Between two concurrent takers the record with the higher version
-	// wins. writeLease returned once every alive node holds our lease (or
-	// a later one: then we lost); leave concurrent leases a moment to
-	// arrive, and read back which one won here. Alone (no other node
-	// alive), nobody can race: no settling.
-	racers := circlenode.AlivePeers(s.node)
-	if s.lockSettle > 0 && racers > 0 {
-		t := time.NewTimer(s.lockSettle)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return false, ctx.Err()
-		case <-t.C:
-		}
-	}
-	if cur, ok := s.readLease(name); !ok || cur.Token != token {
-		return false, nil
-	}
-
-	l := &lease{token: token, stop: make(chan struct{}), done: make(chan struct{})}
-	s.mu.Lock()
-	if _, raced := s.held[name]; raced {
-		s.mu.Unlock()
-		return false, nil
-	}
-	s.held[name] = l
-	s.mu.Unlock()
-	go s.refresh(name, l)
-	return true, nil
+	return s.locks.TryLock(ctx, name)
 }
 
-// Unlock implements certmagic.Locker: it stops refreshing the lease and
-// removes it if it is still ours.
+// Unlock implements certmagic.Locker: it releases the lease if this
+// instance holds it; otherwise it is an error and the lease is untouched.
 func (s *Storage) Unlock(ctx context.Context, name string) error {
-	s.mu.Lock()
-	l, ok := s.held[name]
-	if ok {
-		delete(s.held, name)
-		close(l.stop)
-	}
-	s.mu.Unlock()
-	if !ok {
-		return fmt.Errorf("unlocking %s: lock not held", name)
-	}
-	<-l.done
-	cur, found := s.readLease(name)
-	if !found || cur.Token != l.token {
-		s.logger.Warn("lock was taken over before unlock", zap.String("lock", name))
-		return nil
-	}
-	if err := s.del(ctx, bucketLocks, name); err != nil {
-		return fmt.Errorf("unlocking %s: %w", name, err)
-	}
-	return nil
+	return s.locks.Unlock(ctx, name)
 }
 
 // RenewLockLease implements certmagic.LockLeaseRenewer: the held lease on
-// lockKey now lasts leaseDuration from now (and keeps being refreshed).
+// lockKey now lasts leaseDuration from now (and keeps being refreshed). It
+// is an error if this instance does not hold the lease (any more).
 func (s *Storage) RenewLockLease(ctx context.Context, lockKey string, leaseDuration time.Duration) error {
-	s.mu.Lock()
-	l, ok := s.held[lockKey]
-	s.mu.Unlock()
-	if !ok {
-		return fmt.Errorf("renewing lock %s: lock not held", lockKey)
-	}
-	return s.writeLease(ctx, lockKey, l.token, max(leaseDuration, time.Duration(s.LockTTL)))
-}
-
-// refresh keeps a held lease from expiring until l.stop is closed.
-func (s *Storage) refresh(name string, l *lease) {
-	defer close(l.done)
-	t := time.NewTicker(time.Duration(s.LockTTL) / 3)
-	defer t.Stop()
-	for {
-		select {
-		case <-l.stop:
-			return
-		case <-t.C:
-		}
-		if cur, ok := s.readLease(name); ok && cur.Token != l.token {
-			s.logger.Warn("lock lease lost to another owner", zap.String("lock", name), zap.String("owner", cur.Owner))
-			return
-		}
-		ctx, cancel := context.WithTimeout(context.Background(), time.Duration(s.LockTTL)/3)
-		err := s.writeLease(ctx, name, l.token, time.Duration(s.LockTTL))
-		cancel()
-		if err != nil {
-			s.logger.Error("refreshing lock lease", zap.String("lock", name), zap.Error(err))
-		}
-	}
-}
-
-// readLease returns the current lease of name, if any.
-func (s *Storage) readLease(name string) (leaseRecord, bool) {
-	rec, err := s.node.Get(bucketLocks, name)
+	err := s.locks.Renew(ctx, lockKey, leaseDuration)
 	if err != nil {
-		return leaseRecord{}, false
+		s.logger.Error("renewing lock lease", zap.String("lock", lockKey), zap.Error(err))
 	}
-	var lr leaseRecord
-	if err := json.Unmarshal(rec.Value, &lr); err != nil {
-		return leaseRecord{}, false // unreadable lease: treat as free
-	}
-	return lr, true
-}
-
-// writeLease writes our lease for name, valid for ttl.
-func (s *Storage) writeLease(ctx context.Context, name, token string, ttl time.Duration) error {
-	b, err := json.Marshal(leaseRecord{Owner: s.owner, Token: token, Expires: time.Now().Add(ttl)})
-	if err != nil {
-		return err
-	}
-	return s.putAll(ctx, bucketLocks, name, b, min(s.ackWait, ttl/3))
+	return err
 }
 
 func randomHex(n int) string {

@@ -8,7 +8,6 @@ import (
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
-	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -317,54 +316,6 @@ func TestStorageLocks(t *testing.T) {
 	}
 }
 
-func TestStorageLockTakeover(t *testing.T) {
-	ctx := context.Background()
-	n := openTestNode(t, "takeover", testSecret(t))
-	s := newTestStorage(t, n, testSecret(t))
-
-	// A lease left by a node that died: expired, never refreshed.
-	stale, _ := json.Marshal(leaseRecord{Owner: "dead/1", Token: "x", Expires: time.Now().Add(-time.Second)})
-	if err := n.Put(ctx, bucketLocks, "stale", stale); err != nil {
-		t.Fatal(err)
-	}
-	lockCtx, cancel := context.WithTimeout(ctx, 2*time.Second)
-	defer cancel()
-	if err := s.Lock(lockCtx, "stale"); err != nil {
-		t.Fatalf("taking over an expired lease: %v", err)
-	}
-	lr, ok := s.readLease("stale")
-	if !ok || lr.Owner != s.owner {
-		t.Fatalf("lease after takeover: %+v", lr)
-	}
-
-	// A live lease of another node is respected until it expires.
-	live, _ := json.Marshal(leaseRecord{Owner: "peer/1", Token: "y", Expires: time.Now().Add(400 * time.Millisecond)})
-	if err := n.Put(ctx, bucketLocks, "live", live); err != nil {
-		t.Fatal(err)
-	}
-	if ok, _ := s.TryLock(ctx, "live"); ok {
-		t.Fatal("took a live lease")
-	}
-	start := time.Now()
-	if err := s.Lock(lockCtx, "live"); err != nil {
-		t.Fatal(err)
-	}
-	if time.Since(start) < 300*time.Millisecond {
-		t.Fatalf("took a live lease after %v", time.Since(start))
-	}
-
-	// RenewLockLease extends a held lease.
-	if err := s.RenewLockLease(ctx, "live", time.Hour); err != nil {
-		t.Fatal(err)
-	}
-	if lr, _ := s.readLease("live"); time.Until(lr.Expires) < 50*time.Minute {
-		t.Fatalf("renewed lease expires %v", lr.Expires)
-	}
-	if err := s.RenewLockLease(ctx, "not-held", time.Hour); err == nil {
-		t.Fatal("renewed a lease not held")
-	}
-}
-
 func TestStorageLockMutualExclusion(t *testing.T) {
 	ctx := context.Background()
 	n := openTestNode(t, "mutex", testSecret(t))
@@ -511,10 +462,7 @@ func TestStorageLockAcrossNodes(t *testing.T) {
 		}
 		// A lock nobody won (all saw a later lease) is taken on the next try.
 		for _, s := range ss {
-			s.mu.Lock()
-			_, held := s.held[name]
-			s.mu.Unlock()
-			if held {
+			if s.locks.Held(name) {
 				if err := s.Unlock(ctx, name); err != nil {
 					t.Fatal(err)
 				}

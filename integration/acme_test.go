@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -463,12 +464,24 @@ func (e *acmeEnv) answer(name string) string {
 		e.killed, e.killAt = holder, time.Now()
 		e.killCh <- holder
 	}
-	target := ""
+	// The first other node that serves: a node still starting (its
+	// listeners not open yet) is not an A record anyone would publish, and
+	// orders may begin before all three nodes are up.
+	target, fallback := "", ""
 	for _, nm := range []string{"alpha", "beta", "gamma", "delta"} {
 		if _, ok := e.ips[nm]; ok && nm != holder && !e.dead[nm] {
-			target = nm
-			break
+			if fallback == "" {
+				fallback = nm
+			}
+			if c, err := net.DialTimeout("tcp", net.JoinHostPort(e.ips[nm], strconv.Itoa(e.tlsPort)), 200*time.Millisecond); err == nil {
+				c.Close()
+				target = nm
+				break
+			}
 		}
+	}
+	if target == "" {
+		target = fallback
 	}
 	e.answers = append(e.answers, dnsAnswer{name: name, holder: holder, target: target})
 	return e.ips[target]

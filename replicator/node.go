@@ -72,6 +72,9 @@ type Node struct {
 	lastAE     time.Time
 	lastAEPeer string
 
+	under    underReplicated // writes with fewer than Replicas copies (acks.go)
+	acceptor *leaseAcceptor  // grants lock leases (lease.go); set by Open
+
 	pendingAcks   atomic.Int64
 	ackTimeouts   atomic.Uint64
 	aeRounds      atomic.Uint64
@@ -135,6 +138,7 @@ type Stats struct {
 	TombstonesCollected  uint64    `json:"tombstones_collected"`    // tombstones removed after Config.TombstoneHorizon
 	ResyncDropped        uint64    `json:"resync_dropped"`          // records dropped by a resync after the horizon (deleted elsewhere meanwhile)
 	LastSync             time.Time `json:"last_sync"`               // start of the last completed tree exchange (persisted); zero if none
+	UnderReplicated      int       `json:"under_replicated"`        // records written here known on fewer than Replicas nodes, re-sent as nodes return (acks.go)
 }
 
 // Open opens the store in cfg.DataDir, starts memberlist on cfg.BindAddr and
@@ -259,7 +263,9 @@ func Open(cfg Config) (*Node, error) {
 	n.ml.Store(ml)
 	ok = true
 
-	n.wg.Add(5)
+	n.acceptor = newLeaseAcceptor(n)
+	n.wg.Add(6)
+	go n.acceptor.run()
 	go func() { defer n.wg.Done(); n.watch.run(ctx) }()
 	go n.asideLoop()
 	go n.applier()
@@ -428,41 +434,60 @@ func (n *Node) Watch(bucket string, fn func(Record)) (cancel func()) {
 // write stores a local change and replicates it, waiting until replicas
 // nodes hold it (or every alive node if fewer are alive); 0: no wait.
 func (n *Node) write(ctx context.Context, bucket, key string, value []byte, deleted bool, replicas int) error {
+	_, err := n.writeAck(ctx, bucket, key, value, deleted, replicas)
+	return err
+}
+
+// writeAck is write that reports the copies the record has (see acks.go).
+// A write that returns with fewer than Config.Replicas copies is tracked
+// as under-replicated (not PutAsync/DeleteAsync, replicas 0). A change
+// that lost in a first-writer-wins bucket reports Ack{} (nothing written).
+func (n *Node) writeAck(ctx context.Context, bucket, key string, value []byte, deleted bool, replicas int) (Ack, error) {
 	if err := checkKey(bucket, key); err != nil {
-		return err
+		return Ack{}, err
 	}
 	if len(value) > MaxValueLen {
-		return fmt.Errorf("%w: value of %s/%s is %d bytes, the limit is %d", ErrInvalid, bucket, key, len(value), MaxValueLen)
+		return Ack{}, fmt.Errorf("%w: value of %s/%s is %d bytes, the limit is %d", ErrInvalid, bucket, key, len(value), MaxValueLen)
 	}
 	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("replicator: writing %s/%s: %w", bucket, key, err)
+		return Ack{}, fmt.Errorf("replicator: writing %s/%s: %w", bucket, key, err)
 	}
 	if !n.enter() {
-		return ErrClosed
+		return Ack{}, ErrClosed
 	}
 	defer n.wg.Done()
 	rec, stored, err := n.writeLocal(bucket, key, value, deleted)
 	if err != nil {
 		if errors.Is(err, bolt.ErrDatabaseNotOpen) {
-			return ErrClosed
+			return Ack{}, ErrClosed
 		}
-		return fmt.Errorf("replicator: storing %s/%s: %w", bucket, key, err)
+		return Ack{}, fmt.Errorf("replicator: storing %s/%s: %w", bucket, key, err)
 	}
 	if !stored {
-		return nil // lost to an earlier live record in a first-writer-wins bucket
+		return Ack{}, nil // lost to an earlier live record in a first-writer-wins bucket
 	}
 	small := n.broadcast(rec)
 	peers := n.alivePeers()
-	if len(peers) == 0 {
-		return nil
+	ack := Ack{Copies: 1, Want: n.cfg.Replicas}
+	if replicas > n.cfg.Replicas {
+		ack.Want = max(n.cfg.Replicas, min(replicas, len(peers)+1)) // PutAll: every alive node
+	}
+	if replicas > 0 && ack.Copies < n.cfg.Replicas && len(peers) == 0 {
+		n.trackUnder(rec, nil)
+		return ack, nil
 	}
 	if replicas > 0 && min(replicas, len(peers)+1) > 1 {
-		return n.awaitAcks(ctx, rec, peers, replicas)
+		copies, holders, err := n.awaitAcks(ctx, rec, peers, replicas)
+		ack.Copies = copies
+		if copies < n.cfg.Replicas {
+			n.trackUnder(rec, holders)
+		}
+		return ack, err
 	}
-	if !small {
+	if !small && len(peers) > 0 {
 		n.pushAsync(rec, peers)
 	}
-	return nil
+	return ack, nil
 }
 
 // writeLocal versions and stores a local change. stored is false if the
@@ -552,6 +577,7 @@ func (n *Node) Stats() Stats {
 	last, peer := n.lastAE, n.lastAEPeer
 	n.statsMu.Unlock()
 	s := Stats{
+		UnderReplicated:     n.underCount(),
 		Records:             live,
 		Tombstones:          dead,
 		Buckets:             buckets,

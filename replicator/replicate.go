@@ -99,12 +99,19 @@ func (n *Node) applier() {
 }
 
 // awaitAcks sends rec to peers and waits until replicas nodes (this one
-// included) hold it, or every alive one if fewer are alive.
-func (n *Node) awaitAcks(ctx context.Context, rec Record, peers []*peerRef, replicas int) error {
+// included) hold it, or every alive one if fewer are alive. It returns how
+// many nodes hold it and which peers acknowledged, also on error.
+// Acknowledgements that arrive after it returned are passed to the
+// under-replicated tracking (acks.go).
+func (n *Node) awaitAcks(ctx context.Context, rec Record, peers []*peerRef, replicas int) (int, []string, error) {
 	n.pendingAcks.Add(1)
 	defer n.pendingAcks.Add(-1)
 	need := min(replicas, len(peers)+1)
-	results := make(chan error, len(peers))
+	type result struct {
+		peer string
+		err  error
+	}
+	results := make(chan result, len(peers))
 	sendCtx, cancel := context.WithTimeout(n.ctx, n.cfg.AckTimeout)
 	var sends sync.WaitGroup
 	msg := encodeRecords(msgReplicate, []Record{rec})
@@ -114,7 +121,11 @@ func (n *Node) awaitAcks(ctx context.Context, rec Record, peers []*peerRef, repl
 		go func() {
 			defer n.wg.Done()
 			defer sends.Done()
-			results <- n.replicateTo(sendCtx, p, msg, 1)
+			err := n.replicateTo(sendCtx, p, msg, 1)
+			if err == nil {
+				n.confirmCopy(rec.Bucket, rec.Key, rec.Version, p.Name)
+			}
+			results <- result{p.Name, err}
 		}()
 	}
 	n.wg.Add(1)
@@ -127,35 +138,37 @@ func (n *Node) awaitAcks(ctx context.Context, rec Record, peers []*peerRef, repl
 	timer := time.NewTimer(n.cfg.AckTimeout)
 	defer timer.Stop()
 	held, gone, refused, waiting := 1, 0, 0, len(peers)
+	var holders []string
 	for held < need {
 		select {
-		case err := <-results:
+		case r := <-results:
 			waiting--
 			switch {
-			case err == nil:
+			case r.err == nil:
 				held++
-			case errors.Is(err, errPeerGone):
+				holders = append(holders, r.peer)
+			case errors.Is(r.err, errPeerGone):
 				gone++
 				need = min(replicas, len(peers)+1-gone)
-			case errors.Is(err, errSkewRefused):
+			case errors.Is(r.err, errSkewRefused):
 				refused++
 			}
 			if refused > 0 && held < need && held+waiting < need {
-				return fmt.Errorf("%w: %s/%s held by %d of %d nodes; %d refused it because this node's clock is ahead of theirs (kept here, still replicating): %w",
+				return held, holders, fmt.Errorf("%w: %s/%s held by %d of %d nodes; %d refused it because this node's clock is ahead of theirs (kept here, still replicating): %w",
 					ErrAckTimeout, rec.Bucket, rec.Key, held, need, refused, ErrClockSkew)
 			}
 		case <-timer.C:
 			n.ackTimeouts.Add(1)
-			return fmt.Errorf("%w: %s/%s held by %d of %d nodes after %v (kept here, still replicating)",
+			return held, holders, fmt.Errorf("%w: %s/%s held by %d of %d nodes after %v (kept here, still replicating)",
 				ErrAckTimeout, rec.Bucket, rec.Key, held, need, n.cfg.AckTimeout)
 		case <-ctx.Done():
-			return fmt.Errorf("replicator: waiting for acknowledgements of %s/%s (kept here, still replicating): %w",
+			return held, holders, fmt.Errorf("replicator: waiting for acknowledgements of %s/%s (kept here, still replicating): %w",
 				rec.Bucket, rec.Key, ctx.Err())
 		case <-n.ctx.Done():
-			return ErrClosed
+			return held, holders, ErrClosed
 		}
 	}
-	return nil
+	return held, holders, nil
 }
 
 // pushAsync sends a record too large for gossip to peers in the background.
