@@ -308,11 +308,12 @@ func (c *cluster) awaitConvergence(healed, deadline time.Time) (map[string]*dump
 	var last map[string]*dump
 	var lastErr error
 	for {
+		polled := time.Now() // the dumps show the state from here on
 		ds, err := c.dumps()
 		if err == nil {
 			last = ds
-			if identical(ds) {
-				return ds, time.Since(healed), ""
+			if identical(ds) && !polled.After(deadline) {
+				return ds, polled.Sub(healed), ""
 			}
 		} else {
 			lastErr = err

@@ -7,6 +7,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -32,7 +33,19 @@ var nodeBin string
 
 func TestMain(m *testing.M) { os.Exit(runMain(m)) }
 
+// defaultParallel is how many scenarios run at once unless -parallel is
+// given: their processes mostly wait on timers and the network, so four
+// fit on 2 cores, and the CI set stays well inside go test's default
+// 10 minute timeout.
+const defaultParallel = "4"
+
 func runMain(m *testing.M) int {
+	flag.Parse()
+	set := false
+	flag.Visit(func(f *flag.Flag) { set = set || f.Name == "test.parallel" })
+	if !set {
+		flag.Set("test.parallel", defaultParallel)
+	}
 	dir, err := os.MkdirTemp("", "circle-faults-bin-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "temp dir:", err)
@@ -128,9 +141,6 @@ func newCluster(t *testing.T, opts clusterOpts) *cluster {
 	c := &cluster{t: t, opts: opts}
 	c.out = keptDir(t)
 	c.hist = newHistory(filepath.Join(c.out, "history.jsonl"))
-	t.Cleanup(func() { c.finish() })
-	c.lab = netlab.New(t)
-	c.inet = c.lab.Internet("198.18.0.0/24")
 	sec := make([]byte, 32)
 	rand.Read(sec)
 	c.secret = filepath.Join(t.TempDir(), "secret")
@@ -138,6 +148,11 @@ func newCluster(t *testing.T, opts clusterOpts) *cluster {
 		t.Fatal(err)
 	}
 	data := t.TempDir()
+	c.lab = netlab.New(t)
+	// Cleanups run last-in first-out: the processes stop first, then the
+	// namespaces go, then the data dirs.
+	t.Cleanup(func() { c.finish() })
+	c.inet = c.lab.Internet("198.18.0.0/24")
 	for i := range opts.nodes {
 		name := nodeNames[i]
 		ip := fmt.Sprintf("198.18.0.%d", 11+i)

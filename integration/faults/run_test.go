@@ -18,7 +18,8 @@ type scenario struct {
 	opts clusterOpts
 	work workloads
 	// pre and post are the workload's time before the nemesis starts and
-	// after the final heal (default 3 s each).
+	// after the final heal (default 3 s each; a negative post stops the
+	// workload at the final heal).
 	pre, post time.Duration
 	// nemesis runs the faults; the runner heals everything after it.
 	nemesis func(r *run)
@@ -66,7 +67,9 @@ func runScenario(t *testing.T, sc scenario) outcome {
 	c.healAll()
 	healed := time.Now()
 	c.hist.note("nemesis", "final heal")
-	pause(sc.post)
+	if sc.post > 0 {
+		pause(sc.post)
+	}
 	w.stop()
 	stopped = true
 	return c.check(w, healed)
