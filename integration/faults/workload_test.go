@@ -70,6 +70,7 @@ type workers struct {
 	added    []string // set keys added ok and not yet picked for deletion
 	tokens   []*token
 	revAcct  string // the revocation workload's account id
+	seq      int    // numbers unique values, keys and groups
 	// onAck, if set, is called by the worker right after a register put
 	// or set add was acknowledged, before its next operation (the
 	// "kill right after the N-th ack" nemesis).
@@ -180,6 +181,14 @@ func (w *workers) stop() {
 
 func (w *workers) pick(r *rand.Rand) *fnode { return w.c.nodes[r.IntN(len(w.c.nodes))] }
 
+// next returns a number no other write of the run uses.
+func (w *workers) next() int {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.seq++
+	return w.seq
+}
+
 // writeResult is the faultnode's answer to a write.
 type writeResult struct {
 	Type  string `json:"type"`
@@ -214,9 +223,8 @@ func (w *workers) registerOp(r *rand.Rand, worker string) {
 	key := fmt.Sprintf("r%d", r.IntN(regKeys))
 	switch x := r.IntN(10); {
 	case x < 6:
-		op := w.c.hist.invoke(worker, "put", n.name, key, "")
-		value := fmt.Sprintf("v%d", op.ID)
-		op.Value = value
+		value := fmt.Sprintf("v%d", w.next())
+		op := w.c.hist.invoke(worker, "put", n.name, key, value)
 		var res writeResult
 		err := n.post("/kv/put", map[string]string{"bucket": regBucket, "key": key, "value": value}, &res)
 		w.finish(op, err, res)
@@ -274,9 +282,8 @@ func (w *workers) setOp(r *rand.Rand, worker string) {
 		w.write(worker, "delete", n, key, "", "/kv/delete", map[string]string{"bucket": setBucket, "key": key})
 		return
 	}
-	op := w.c.hist.invoke(worker, "add", n.name, "", "1")
-	key = fmt.Sprintf("e%d", op.ID)
-	op.Key = key
+	key = fmt.Sprintf("e%d", w.next())
+	op := w.c.hist.invoke(worker, "add", n.name, key, "1")
 	var res writeResult
 	err := n.post("/kv/put", map[string]string{"bucket": setBucket, "key": key, "value": "1"}, &res)
 	w.finish(op, err, res)
@@ -306,9 +313,8 @@ func (w *workers) accountOp(r *rand.Rand, worker string) {
 		w.mu.Unlock()
 		w.write(worker, "password", n, acc.id, pw, "/acct/password", map[string]string{"id": acc.id, "password": pw})
 	default:
-		op := w.c.hist.invoke(worker, "groups", n.name, acc.id, "")
-		g := fmt.Sprintf("g%d", op.ID)
-		op.Value = g
+		g := fmt.Sprintf("g%d", w.next())
+		op := w.c.hist.invoke(worker, "groups", n.name, acc.id, g)
 		var res writeResult
 		err := n.post("/acct/groups", map[string]any{"id": acc.id, "groups": []string{g}}, &res)
 		w.finish(op, err, res)
