@@ -67,7 +67,11 @@ func checkRegister(what, final string, writes []write) string {
 	}
 	var from string
 	for _, w := range writes {
-		if w.value == final && (from == "" || w.op.Type == "ok") {
+		switch {
+		case w.value != final || (from != "" && w.op.Type != "ok"):
+		case w.op.F == "initial":
+			from = "the value before the run"
+		default:
 			from = fmt.Sprintf("op %d (%s on %s, done at %.2fs)", w.op.ID, w.op.F, w.op.Node, w.op.Complete.Seconds())
 		}
 	}
