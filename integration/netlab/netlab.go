@@ -117,7 +117,7 @@ type Lab struct {
 	mu     sync.Mutex
 	n      int
 	nodes  []*Node
-	parts  map[[2]*Node]bool
+	parts  map[[2]*Node][]partRule // the DROP rules each Partition inserted
 	queues []*delayQueue
 }
 
@@ -164,7 +164,7 @@ func New(t testing.TB) *Lab {
 		t.Fatalf("netlab: %v", err)
 	}
 	sweepOnce.Do(func() { sweep(t) })
-	l := &Lab{t: t, parts: map[[2]*Node]bool{}}
+	l := &Lab{t: t, parts: map[[2]*Node][]partRule{}}
 	l.prefix = claimPrefix(t)
 	unlock()
 	t.Cleanup(l.close)
@@ -739,24 +739,40 @@ func partRules(other *Node) [][]string {
 	return r
 }
 
+// partRule is one raw-table DROP rule that Partition inserted in a
+// namespace (kept so that Heal deletes exactly it, even after SetAddr).
+type partRule struct {
+	in   *Node
+	rule []string
+}
+
 // Partition drops all traffic between x and y (raw-table DROP rules in both
 // namespaces for the other's addresses). A router's address covers the whole
-// home behind it.
+// home behind it. The rules name the addresses x and y have now: after a
+// SetAddr the other side's rules no longer match the moved host (its own
+// rules still cut it off), and Heal removes the rules Partition inserted.
 func (l *Lab) Partition(x, y *Node) {
 	l.t.Helper()
 	key := pairKey(x, y)
 	l.mu.Lock()
-	done := l.parts[key]
-	l.parts[key] = true
+	_, done := l.parts[key]
+	if !done {
+		l.parts[key] = nil
+	}
 	l.mu.Unlock()
 	if done {
 		return
 	}
+	var rules []partRule
 	for _, p := range [][2]*Node{{x, y}, {y, x}} {
 		for _, r := range partRules(p[1]) {
 			p[0].ipt(append(append([]string{"-t", "raw", "-I"}, r...), "-j", "DROP")...)
+			rules = append(rules, partRule{in: p[0], rule: r})
 		}
 	}
+	l.mu.Lock()
+	l.parts[key] = rules
+	l.mu.Unlock()
 }
 
 // pairKey is the order-independent key of a partition between x and y.
@@ -772,16 +788,14 @@ func (l *Lab) Heal(x, y *Node) {
 	l.t.Helper()
 	key := pairKey(x, y)
 	l.mu.Lock()
-	done := l.parts[key]
+	rules, done := l.parts[key]
 	delete(l.parts, key)
 	l.mu.Unlock()
 	if !done {
 		return
 	}
-	for _, p := range [][2]*Node{{x, y}, {y, x}} {
-		for _, r := range partRules(p[1]) {
-			p[0].ipt(append(append([]string{"-t", "raw", "-D"}, r...), "-j", "DROP")...)
-		}
+	for _, r := range rules {
+		r.in.ipt(append(append([]string{"-t", "raw", "-D"}, r.rule...), "-j", "DROP")...)
 	}
 }
 

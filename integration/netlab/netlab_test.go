@@ -761,3 +761,25 @@ func TestHostsAndSetAddr(t *testing.T) {
 		t.Fatalf("read %q from b's new address", got)
 	}
 }
+
+// TestHealAfterSetAddr: Heal removes the rules Partition inserted even when
+// a host moved to another address in between (the fault suite changes a
+// node's IP while it is cut off).
+func TestHealAfterSetAddr(t *testing.T) {
+	l := New(t)
+	inet := l.Internet("198.18.0.0/24")
+	a := l.Host(inet, "a", "198.18.0.10")
+	b := l.Host(inet, "b", "198.18.0.11")
+	l.Partition(a, b)
+	b.SetAddr("198.18.0.12")
+	l.Heal(a, b)
+	for _, n := range []*Node{a, b} {
+		out, err := exec.Command("ip", "netns", "exec", n.NS, "iptables", "-w", "-t", "raw", "-S").CombinedOutput()
+		if err != nil {
+			t.Fatalf("iptables -S in %s: %v: %s", n.Name, err, out)
+		}
+		if strings.Contains(string(out), "DROP") {
+			t.Errorf("partition rules left in %s after Heal:\n%s", n.Name, out)
+		}
+	}
+}

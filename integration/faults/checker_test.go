@@ -1,0 +1,333 @@
+package faults
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+)
+
+// The register rule, used for every checked value (registers, set
+// members, account fields).
+//
+// Every write of a key sets it to a value (a delete to "absent"). A write
+// that completed "ok" took effect between its invocation and completion; a
+// "fail" write never did; an "info" write may take effect at any time after
+// its invocation (its completion is unknown). The final value x of the key
+// is consistent with the history if some write F that set x (ok or info)
+// could have been the last: no "ok" write of another value was invoked
+// after F completed. Otherwise that later acknowledged write was lost (a
+// delete lost is a resurrection; a disable lost is an undone disable).
+//
+// This is what "no acknowledged write lost" means for last-writer-wins
+// registers: concurrent writes may go either way, but a write that was
+// acknowledged before another one started must not win over it.
+
+// write is one write of a checked value.
+type write struct {
+	op    Op     // the operation (its Type is ok or info)
+	value string // the value it set ("" + absent for deletes)
+}
+
+// absent is the value of a deleted or never written key.
+const absent = "<absent>"
+
+// checkRegister returns a violation, or "" if final is consistent. what
+// names the value for messages; initial is the value before any write
+// (nil: absent, completed at time 0).
+func checkRegister(what, final string, writes []write) string {
+	var lastOther *write // the latest-invoked ok write of another value
+	consistent := false
+	for i := range writes {
+		w := &writes[i]
+		if w.value == final {
+			if w.op.Type == "info" {
+				consistent = true
+			}
+			continue
+		}
+		if w.op.Type == "ok" && (lastOther == nil || w.op.Invoke > lastOther.op.Invoke) {
+			lastOther = w
+		}
+	}
+	if lastOther == nil {
+		return ""
+	}
+	for _, w := range writes {
+		if w.value == final && w.op.Type == "ok" && w.op.Complete > lastOther.op.Invoke {
+			consistent = true
+		}
+	}
+	if consistent {
+		return ""
+	}
+	var from string
+	for _, w := range writes {
+		switch {
+		case w.value != final || (from != "" && w.op.Type != "ok"):
+		case w.op.F == "initial":
+			from = "the value before the run"
+		default:
+			from = fmt.Sprintf("op %d (%s on %s, done at %.2fs)", w.op.ID, w.op.F, w.op.Node, w.op.Complete.Seconds())
+		}
+	}
+	if from == "" {
+		from = "no write of this workload"
+	}
+	kind := "acknowledged write lost"
+	switch {
+	case lastOther.value == absent:
+		kind = "deleted key resurrected"
+	case lastOther.op.F == "disable":
+		kind = "acknowledged disable undone"
+	}
+	return fmt.Sprintf("%s: %s is %q (from %s), but op %d (%s %q on %s, acknowledged at %.2fs) was invoked at %.2fs, after that",
+		kind, what, final, from, lastOther.op.ID, lastOther.op.F, lastOther.value, lastOther.op.Node,
+		lastOther.op.Complete.Seconds(), lastOther.op.Invoke.Seconds())
+}
+
+// writesOf returns the ok and info operations of ops that write key with
+// the functions in fs, mapped to the value they set by val.
+func writesOf(ops []Op, key string, fs []string, val func(Op) string) []write {
+	var out []write
+	for _, op := range ops {
+		if op.Key != key || !slices.Contains(fs, op.F) || (op.Type != "ok" && op.Type != "info") {
+			continue
+		}
+		out = append(out, write{op: op, value: val(op)})
+	}
+	return out
+}
+
+// initial is the write that made a key's first value, before the run.
+func initial(value string) write {
+	return write{op: Op{ID: -1, F: "initial", Type: "ok"}, value: value}
+}
+
+// dump is a faultnode's /dump answer.
+type dump struct {
+	Node    string `json:"node"`
+	Records []struct {
+		Bucket  string `json:"bucket"`
+		Key     string `json:"key"`
+		Version string `json:"version"`
+		Hash    string `json:"hash"`
+		Value   string `json:"value"`
+	} `json:"records"`
+	Live       int `json:"live"`
+	Tombstones int `json:"tombstones"`
+	Buckets    int `json:"buckets"`
+}
+
+// digest identifies a dump's content (not its node).
+func (d *dump) digest() string {
+	d2 := *d
+	d2.Node = ""
+	b, _ := json.Marshal(d2)
+	h := sha256.Sum256(b)
+	return hex.EncodeToString(h[:6])
+}
+
+// value returns the live value of bucket/key in d, or absent.
+func (d *dump) value(bucket, key string) string {
+	for _, r := range d.Records {
+		if r.Bucket == bucket && r.Key == key {
+			return r.Value
+		}
+	}
+	return absent
+}
+
+// checkKV checks the registers and the set in one node's dump against the
+// history.
+func checkKV(d *dump, ops []Op) []string {
+	var v []string
+	var keys []string // register keys: the workload's and any a scenario wrote itself
+	for _, op := range ops {
+		if (op.F == "put" || op.F == "delete") && strings.HasPrefix(op.Key, "r") && !slices.Contains(keys, op.Key) {
+			keys = append(keys, op.Key)
+		}
+	}
+	sort.Strings(keys)
+	for _, key := range keys {
+		ws := append([]write{initial(absent)}, writesOf(ops, key, []string{"put", "delete"}, func(op Op) string {
+			if op.F == "delete" {
+				return absent
+			}
+			return op.Value
+		})...)
+		// Register deletes share the op name with set deletes: keep the
+		// register ones (set keys are e<id>, never r<n>).
+		if s := checkRegister(fmt.Sprintf("reg/%s on %s", key, d.Node), d.value(regBucket, key), ws); s != "" {
+			v = append(v, s)
+		}
+	}
+	for _, op := range ops {
+		if op.F != "add" || op.Key == "" {
+			continue
+		}
+		ws := append([]write{initial(absent)}, writesOf(ops, op.Key, []string{"add", "delete"}, func(op Op) string {
+			if op.F == "delete" {
+				return absent
+			}
+			return "1"
+		})...)
+		if s := checkRegister(fmt.Sprintf("set/%s on %s", op.Key, d.Node), d.value(setBucket, op.Key), ws); s != "" {
+			v = append(v, s)
+		}
+	}
+	return v
+}
+
+// probe is a faultnode's /acct/probe answer.
+type probe struct {
+	Found    bool     `json:"found"`
+	Disabled bool     `json:"disabled"`
+	Groups   []string `json:"groups"`
+	Match    int      `json:"match"`
+	Version  string   `json:"version"`
+}
+
+// checkAccount checks one account's fields as n stores them.
+func checkAccount(n *fnode, acc *account, ops []Op) []string {
+	var p probe
+	if err := n.post("/acct/probe", map[string]any{"id": acc.id, "passwords": acc.passwords}, &p); err != nil {
+		return []string{fmt.Sprintf("probing %s on %s: %v", acc.username, n.name, err)}
+	}
+	if !p.Found {
+		return []string{fmt.Sprintf("account %s missing on %s", acc.username, n.name)}
+	}
+	var v []string
+	where := func(field string) string { return fmt.Sprintf("%s of %s on %s", field, acc.username, n.name) }
+	dis := append([]write{initial("false")}, writesOf(ops, acc.id, []string{"disable", "enable"}, func(op Op) string { return op.Value })...)
+	if s := checkRegister(where("disabled"), fmt.Sprint(p.Disabled), dis); s != "" {
+		v = append(v, s)
+	}
+	pw := absent
+	if p.Match >= 0 {
+		pw = acc.passwords[p.Match]
+	}
+	pws := append([]write{initial(acc.passwords[0])}, writesOf(ops, acc.id, []string{"password"}, func(op Op) string { return op.Value })...)
+	if s := checkRegister(where("password"), pw, pws); s != "" {
+		v = append(v, s)
+	}
+	groups := strings.Join(p.Groups, ",")
+	gs := append([]write{initial("init")}, writesOf(ops, acc.id, []string{"groups"}, func(op Op) string { return op.Value })...)
+	if s := checkRegister(where("groups"), groups, gs); s != "" {
+		v = append(v, s)
+	}
+	return v
+}
+
+// dumps fetches every running node's dump.
+func (c *cluster) dumps() (map[string]*dump, error) {
+	out := map[string]*dump{}
+	for _, n := range c.nodes {
+		var d dump
+		if err := n.get("/dump", &d); err != nil {
+			return nil, err
+		}
+		out[n.name] = &d
+	}
+	return out, nil
+}
+
+// dumpDiff describes how the dumps differ: the groups of nodes with equal
+// dumps and a few records that are not the same everywhere.
+func dumpDiff(ds map[string]*dump) string {
+	groups := map[string][]string{}
+	for name, d := range ds {
+		k := d.digest()
+		groups[k] = append(groups[k], name)
+	}
+	var gs []string
+	for _, g := range groups {
+		sort.Strings(g)
+		gs = append(gs, "{"+strings.Join(g, ",")+"}")
+	}
+	sort.Strings(gs)
+	type rk struct{ b, k string }
+	seen := map[rk]map[string]string{}
+	for name, d := range ds {
+		for _, r := range d.Records {
+			key := rk{r.Bucket, r.Key}
+			if seen[key] == nil {
+				seen[key] = map[string]string{}
+			}
+			seen[key][name] = r.Version + "/" + r.Hash
+		}
+	}
+	var diffs []string
+	for key, per := range seen {
+		vals := map[string]bool{}
+		for _, v := range per {
+			vals[v] = true
+		}
+		if len(per) != len(ds) || len(vals) > 1 {
+			var missing []string
+			for name := range ds {
+				if _, ok := per[name]; !ok {
+					missing = append(missing, name)
+				}
+			}
+			sort.Strings(missing)
+			diffs = append(diffs, fmt.Sprintf("%s/%s (versions %d, missing on %v)", key.b, key.k, len(vals), missing))
+		}
+	}
+	sort.Strings(diffs)
+	n := len(diffs)
+	if len(diffs) > 8 {
+		diffs = diffs[:8]
+	}
+	var counts []string
+	for name, d := range ds {
+		counts = append(counts, fmt.Sprintf("%s: %d live, %d tombstones", name, d.Live, d.Tombstones))
+	}
+	sort.Strings(counts)
+	return fmt.Sprintf("groups of equal dumps %s; %d records differ, e.g. %s; %s", strings.Join(gs, " "), n,
+		strings.Join(diffs, "; "), strings.Join(counts, "; "))
+}
+
+// identical reports whether every dump is the same.
+func identical(ds map[string]*dump) bool {
+	k := ""
+	for _, d := range ds {
+		if k == "" {
+			k = d.digest()
+		} else if d.digest() != k {
+			return false
+		}
+	}
+	return true
+}
+
+// awaitConvergence polls the dumps until they are identical on every node
+// or deadline passes; it returns the last dumps, how long after healed they
+// became identical (or -1) and a description of the difference.
+func (c *cluster) awaitConvergence(healed, deadline time.Time) (map[string]*dump, time.Duration, string) {
+	var last map[string]*dump
+	var lastErr error
+	for {
+		polled := time.Now() // the dumps show the state from here on
+		ds, err := c.dumps()
+		if err == nil {
+			last = ds
+			if identical(ds) && !polled.After(deadline) {
+				return ds, polled.Sub(healed), ""
+			}
+		} else {
+			lastErr = err
+		}
+		if time.Now().After(deadline) {
+			if last == nil {
+				return nil, -1, fmt.Sprintf("no dumps: %v", lastErr)
+			}
+			return last, -1, dumpDiff(last)
+		}
+		time.Sleep(time.Second)
+	}
+}
