@@ -417,6 +417,10 @@ func identityError(what string, err error) error {
 		errors.Is(err, identity.ErrWeakPassword),
 		errors.Is(err, identity.ErrInvalidInput):
 		status = http.StatusBadRequest
+	case errors.Is(err, replicator.ErrAckTimeout), errors.Is(err, replicator.ErrClockSkew):
+		// The circle could not take the write now (peers unreachable, or
+		// this node's clock is too far ahead of theirs): try again later.
+		status = http.StatusServiceUnavailable
 	}
 	return apiError(status, fmt.Errorf("%s: %w", what, err))
 }

@@ -116,13 +116,15 @@ type App struct {
 	// exceeds it are flagged in the status and the logs. Default: 1m.
 	MaxClockSkew caddy.Duration `json:"max_clock_skew,omitempty"`
 
-	secret    []byte
-	node      *sharedNode
-	ident     *identity.Service // the node's (tests of handlers set only this)
-	poolKey   string
-	logger    *zap.Logger
-	ctx       caddy.Context
-	httpsPort int // the http app's https_port when not 443 (for links); 0 otherwise
+	secret []byte
+	node   *sharedNode
+	ident  *identity.Service // the node's (tests of handlers set only this)
+	// clockOffset shifts the node's wall clock (ClockOffsetEnv).
+	clockOffset time.Duration
+	poolKey     string
+	logger      *zap.Logger
+	ctx         caddy.Context
+	httpsPort   int // the http app's https_port when not 443 (for links); 0 otherwise
 }
 
 // CaddyModule returns the Caddy module information.
@@ -173,6 +175,14 @@ func (a *App) Provision(ctx caddy.Context) error {
 	}
 	if a.SyncTimeout == 0 {
 		a.SyncTimeout = caddy.Duration(10 * time.Second)
+	}
+	if v := os.Getenv(ClockOffsetEnv); v != "" {
+		off, err := time.ParseDuration(v)
+		if err != nil {
+			return fmt.Errorf("circle: %s=%q: want a Go duration such as 10m or -2m30s", ClockOffsetEnv, v)
+		}
+		a.clockOffset = off
+		a.logger.Warn("this node's clock is shifted for testing", zap.String("env", ClockOffsetEnv), zap.Duration("offset", off))
 	}
 	if err := a.validate(); err != nil {
 		return err
@@ -274,6 +284,12 @@ func (a *App) maxClockSkew() time.Duration {
 	return replicator.DefaultMaxClockSkew
 }
 
+// ClockOffsetEnv names an environment variable that shifts a node's wall
+// clock, as the replicator and the identity service see it, by a Go
+// duration ("10m", "-2m"). It exists for tests of real processes with a
+// skewed clock (Go programs ignore libfaketime); leave it unset otherwise.
+const ClockOffsetEnv = "CIRCLE_CLOCK_OFFSET"
+
 // nodeConfig translates the app config into the shared node's settings.
 func (a *App) nodeConfig(ctx caddy.Context) circlenode.Config {
 	rc := replicator.DefaultConfig()
@@ -291,6 +307,9 @@ func (a *App) nodeConfig(ctx caddy.Context) circlenode.Config {
 		rc.AntiEntropyInterval = time.Duration(a.AntiEntropyInterval)
 	}
 	rc.MaxClockSkew = a.maxClockSkew()
+	if off := a.clockOffset; off != 0 {
+		rc.Now = func() time.Time { return time.Now().Add(off) } // identity follows it through Node.Now
+	}
 	circlenode.IdentityBuckets(&rc)
 	rc.Logger = ctx.Slogger().With("component", "replicator")
 	return circlenode.Config{

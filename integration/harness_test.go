@@ -131,6 +131,8 @@ type node struct {
 	// EOF (a shell reads it, then execs caddy), so a test can start
 	// several processes first and release them at the same instant.
 	gate io.Reader
+	// env is added to the process's environment (e.g. CIRCLE_CLOCK_OFFSET).
+	env []string
 }
 
 // circle is a set of nodes sharing a secret, plus an upstream app that
@@ -310,6 +312,7 @@ func (n *node) launch() {
 		cmd = exec.Command("sh", append([]string{"-c", `read -r _; exec "$0" "$@"`, bin}, args...)...)
 		cmd.Stdin = n.gate
 	}
+	cmd.Env = n.env
 	n.done = startCaddy(t, n.name, cmd, n.dir, n.log)
 	n.cmd = cmd
 	t.Cleanup(func() {
@@ -381,12 +384,13 @@ func (n *node) admin(method, path string, body, out any) error {
 
 // startCaddy starts cmd, a caddy process, so that it dies with the test,
 // with its own HOME and XDG directories under dir and its output in log.
+// cmd.Env, if set, is added to this process's environment.
 // The returned channel closes when it has exited.
 func startCaddy(t testing.TB, name string, cmd *exec.Cmd, dir string, log io.Writer) chan struct{} {
 	t.Helper()
 	cmd.SysProcAttr = dieWithTest()
 	home := filepath.Join(dir, "home")
-	cmd.Env = append(os.Environ(), "HOME="+home, "XDG_DATA_HOME="+filepath.Join(home, "data"),
+	cmd.Env = append(append(os.Environ(), cmd.Env...), "HOME="+home, "XDG_DATA_HOME="+filepath.Join(home, "data"),
 		"XDG_CONFIG_HOME="+filepath.Join(home, "config"))
 	cmd.Stdout, cmd.Stderr = log, log
 	if err := cmd.Start(); err != nil {
