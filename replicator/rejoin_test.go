@@ -57,3 +57,14 @@ func TestGoneSeedRejoined(t *testing.T) {
 		return true
 	})
 }
+
+// TestSeedWithNodeName: a seed may name its node ("name/host:port", as
+// memberlist's node-aware transports take it); the node joins through it.
+func TestSeedWithNodeName(t *testing.T) {
+	dir := t.TempDir()
+	a := open(t, testConfig(t, dir, "a"))
+	cfg := testConfig(t, dir, "b")
+	cfg.Join = []string{"a/" + a.Addr()}
+	b := open(t, cfg)
+	waitConverged(t, a, b)
+}
