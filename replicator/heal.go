@@ -172,8 +172,14 @@ func (n *Node) reachMember(name, addr string) (reached, done bool) {
 // reachSeed resolves seed and joins its addresses unless one of them is
 // a live member's or this node's.
 func (n *Node) reachSeed(seed string) (reached, done bool) {
+	// A seed may name its node ("name/host:port", memberlist's form for
+	// node-aware transports): resolve the address, join with the name.
+	prefix, hostPort := "", seed
+	if i := strings.LastIndex(seed, "/"); i >= 0 {
+		prefix, hostPort = seed[:i+1], seed[i+1:]
+	}
 	ctx, cancel := context.WithTimeout(n.ctx, healResolveTimeout)
-	addrs, err := resolveSeed(ctx, seed, n.port)
+	addrs, err := resolveSeed(ctx, hostPort, n.port)
 	cancel()
 	if err != nil {
 		n.logFailure("seed "+seed, "cannot resolve a seed; retrying with backoff", "seed", seed, "error", err)
@@ -184,7 +190,7 @@ func (n *Node) reachSeed(seed string) (reached, done bool) {
 	}
 	var last error
 	for _, a := range addrs {
-		if err := n.join(a); err != nil {
+		if err := n.join(prefix + a); err != nil {
 			last = err
 			continue
 		}
