@@ -19,6 +19,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/homecircle/circle/caddymodule/circlenode"
+	"github.com/homecircle/circle/identity"
 	"github.com/homecircle/circle/integration/netlab"
 	"github.com/homecircle/circle/relay"
 	"github.com/homecircle/circle/replicator"
@@ -37,9 +39,10 @@ import (
 // and reads commands on stdin: "members name=host:port ..." (the circle as
 // the membership layer would report it; initially MESHBENCH_MEMBERS),
 // "status". It exits when stdin closes (or after an hour). With
-// MESHBENCH_GOSSIP=1 the members come from a replicator (memberlist over
-// the mesh's Transport, joined through MESHBENCH_SEED, name/host:port) as
-// in caddymodule, and "members" is ignored.
+// MESHBENCH_GOSSIP=1 the node is a circlenode.Node, as caddymodule runs it:
+// the members come from its replicator (memberlist over the mesh's
+// Transport, joined through MESHBENCH_SEED, name/host:port), and "members"
+// is ignored.
 func nodeMain() error {
 	secret, err := hex.DecodeString(os.Getenv("MESHBENCH_SECRET"))
 	if err != nil {
@@ -74,10 +77,10 @@ func nodeMain() error {
 		if n == nil {
 			return nil
 		}
-		// As caddymodule does: the replicator's alive and suspect members.
+		// As circlenode does: the replicator's alive and suspect members.
 		var out []relay.Member
 		for _, m := range n.Members() {
-			if m.Name != name && (m.State == "alive" || m.State == "suspect") {
+			if m.Name != name && (m.State == replicator.StateAlive || m.State == replicator.StateSuspect) {
 				out = append(out, relay.Member{Name: m.Name, Addr: m.Addr})
 			}
 		}
@@ -94,45 +97,82 @@ func nodeMain() error {
 	}
 	setMembers(os.Getenv("MESHBENCH_MEMBERS"))
 
-	mc, err := net.ListenPacket("udp4", net.JoinHostPort(ip, port))
-	if err != nil {
-		return err
-	}
-	cfg := relay.MeshConfig{Name: name, Secret: secret, Conn: mc, Logger: logger}
-	var tc net.PacketConn
-	if os.Getenv("MESHBENCH_TURN") == "1" {
-		if tc, err = net.ListenPacket("udp4", net.JoinHostPort(ip, strconv.Itoa(turnPort))); err != nil {
+	var mesh *relay.Mesh
+	var mgr *relay.Manager
+	if gossip {
+		// The node as caddymodule runs it (circlenode): mesh, TURN server,
+		// replicator (memberlist over the mesh, joining through the seed),
+		// path manager over the replicator's members, identity.
+		dir, err := os.MkdirTemp("", "meshbench-"+name+"-")
+		if err != nil {
 			return err
 		}
-		cfg.TURN = tc.LocalAddr().String()
+		defer os.RemoveAll(dir)
+		rc := replicator.DefaultConfig()
+		rc.Name, rc.DataDir, rc.Secret = name, dir, secret
+		rc.BindAddr = net.JoinHostPort(ip, port)
+		if seed := os.Getenv("MESHBENCH_SEED"); seed != "" {
+			rc.Join = []string{seed}
+		}
+		circlenode.IdentityBuckets(&rc)
+		if logger != nil {
+			rc.Logger = logger
+		}
+		cfg := circlenode.Config{
+			Replicator: rc,
+			Identity:   identity.Config{Domain: "circle.test", Secret: secret, Logger: logger},
+			Listen:     net.JoinHostPort(ip, port),
+			Logger:     logger,
+		}
+		if os.Getenv("MESHBENCH_TURN") == "1" {
+			cfg.Relay = net.JoinHostPort(ip, strconv.Itoa(turnPort))
+		}
+		node, err := circlenode.Open(cfg)
+		if err != nil {
+			return err
+		}
+		defer node.Close()
+		repl.Store(node.Replicator())
+		mesh, mgr = node.Mesh(), node.Manager()
+	} else {
+		mc, err := net.ListenPacket("udp4", net.JoinHostPort(ip, port))
+		if err != nil {
+			return err
+		}
+		cfg := relay.MeshConfig{Name: name, Secret: secret, Conn: mc, Logger: logger}
+		var tc net.PacketConn
+		if os.Getenv("MESHBENCH_TURN") == "1" {
+			if tc, err = net.ListenPacket("udp4", net.JoinHostPort(ip, strconv.Itoa(turnPort))); err != nil {
+				return err
+			}
+			cfg.TURN = tc.LocalAddr().String()
+		}
+		if mesh, err = relay.NewMesh(cfg); err != nil {
+			return err
+		}
+		defer mesh.Close()
+		if mgr, err = relay.NewManager(relay.ManagerConfig{
+			Mesh: mesh, Secret: secret, Logger: logger,
+			Members: memberList,
+		}); err != nil {
+			return err
+		}
+		defer mgr.Close()
+		if tc != nil {
+			srv, err := relay.NewServer(relay.ServerConfig{
+				Secret: secret, PacketConn: tc, RelayAddress: net.ParseIP(ip), Peers: mgr.PeerIPs, Logger: logger,
+			})
+			if err != nil {
+				return err
+			}
+			defer srv.Close()
+		}
 	}
-	mesh, err := relay.NewMesh(cfg)
-	if err != nil {
-		return err
-	}
-	defer mesh.Close()
 	mesh.Handle("echo", func(c net.Conn) {
 		defer c.Close()
 		c.SetDeadline(time.Now().Add(5 * time.Second))
 		io.Copy(c, c)
 	})
-	mgr, err := relay.NewManager(relay.ManagerConfig{
-		Mesh: mesh, Secret: secret, Logger: logger,
-		Members: memberList,
-	})
-	if err != nil {
-		return err
-	}
-	defer mgr.Close()
-	if tc != nil {
-		srv, err := relay.NewServer(relay.ServerConfig{
-			Secret: secret, PacketConn: tc, RelayAddress: net.ParseIP(ip), Peers: mgr.PeerIPs, Logger: logger,
-		})
-		if err != nil {
-			return err
-		}
-		defer srv.Close()
-	}
 	say("ready %d", time.Now().UnixNano())
 
 	ctx, cancel := context.WithCancel(context.Background())
@@ -143,33 +183,6 @@ func nodeMain() error {
 		defer wg.Done()
 		probe(ctx, mesh, memberList, say)
 	}()
-	if gossip {
-		// The replicator (memberlist) over the mesh, joining through the
-		// seed, as caddymodule runs it.
-		dir, err := os.MkdirTemp("", "meshbench-"+name+"-")
-		if err != nil {
-			return err
-		}
-		defer os.RemoveAll(dir)
-		tr, err := mesh.Transport()
-		if err != nil {
-			return err
-		}
-		rc := replicator.DefaultConfig()
-		rc.Name, rc.DataDir, rc.Secret, rc.Transport = name, dir, secret, tr
-		if seed := os.Getenv("MESHBENCH_SEED"); seed != "" {
-			rc.Join = []string{seed}
-		}
-		if logger != nil {
-			rc.Logger = logger
-		}
-		n, err := replicator.Open(rc)
-		if err != nil {
-			return err
-		}
-		defer n.Close()
-		repl.Store(n)
-	}
 
 	lines := make(chan string)
 	go func() {
