@@ -314,3 +314,80 @@ func TestPeerClockSteps(t *testing.T) {
 		t.Fatalf("after our step back: %v, want 20m", got)
 	}
 }
+
+// threeWithClock starts c0, c1 and g (g on clk) on f and waits until g has
+// measured both peers' clocks.
+func threeWithClock(t *testing.T, f *faultNet, clk *settableClock) (c0, c1, g *Node) {
+	t.Helper()
+	dir := t.TempDir()
+	var nodes []*Node
+	for i, name := range []string{"c0", "c1", "g"} {
+		cfg := f.config(t, dir, name)
+		if i > 0 {
+			cfg.Join = []string{nodes[0].Addr()}
+		}
+		if name == "g" {
+			cfg.Now = clk.Now
+		}
+		nodes = append(nodes, open(t, cfg))
+	}
+	waitConverged(t, nodes...)
+	g = nodes[2]
+	waitFor(t, 15*time.Second, "g measures both peers' clocks", func() bool {
+		measured := 0
+		for _, m := range g.Members() {
+			if m.ClockMeasured {
+				measured++
+			}
+		}
+		return measured == 2
+	})
+	return nodes[0], nodes[1], g
+}
+
+// TestSkewStepWhileCutOff: g's clock steps 10 minutes forward while g is
+// cut off from the circle. Its writes then must not be versioned 10
+// minutes ahead: a write made later, in real time, on a correct node wins
+// everywhere after the heal (fault suite: clock/plus-10m-during-split).
+func TestSkewStepWhileCutOff(t *testing.T) {
+	f := newFaultNet()
+	var clk settableClock
+	c0, c1, g := threeWithClock(t, f, &clk)
+	f.Isolate("g")
+	waitFor(t, 15*time.Second, "g sees the others gone", func() bool { return aliveCount(g) == 1 })
+	clk.Set(10 * time.Minute)
+	if err := g.Put(ctxT(t), "x", "k", []byte("on-g")); err != nil {
+		t.Fatalf("g alone: %v", err)
+	}
+	r, _ := g.Get("x", "k")
+	if ahead := time.Until(r.Version.WallTime()); ahead > time.Minute {
+		t.Errorf("g versioned its write %v ahead of real time", ahead.Round(time.Second))
+	}
+	if err := c0.Put(ctxT(t), "x", "k", []byte("later-on-c0")); err != nil {
+		t.Fatal(err)
+	}
+	f.Heal()
+	if _, err := g.ml.Load().Join([]string{c0.Addr()}); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range []*Node{c0, c1, g} {
+		waitFor(t, 15*time.Second, "the later write everywhere ("+n.Name()+")", func() bool { return valueIs(n, "x", "k", "later-on-c0") })
+	}
+}
+
+// TestSkewFastNodeFollowsTheCircle: g's clock is 10 minutes fast from the
+// start. Once it has measured the others, it versions its writes by the
+// circle's time: they are accepted at once, not kept aside for 10 minutes.
+func TestSkewFastNodeFollowsTheCircle(t *testing.T) {
+	f := newFaultNet()
+	var clk settableClock
+	clk.Set(10 * time.Minute)
+	c0, _, g := threeWithClock(t, f, &clk)
+	if err := g.Put(ctxT(t), "x", "k2", []byte("from-g")); err != nil {
+		t.Fatalf("Put on the fast node after it measured the circle: %v", err)
+	}
+	waitFor(t, 5*time.Second, "c0 holds g's write", func() bool { return valueIs(c0, "x", "k2", "from-g") })
+	if m := g.Now().Sub(time.Now()).Abs(); m > time.Minute {
+		t.Errorf("g.Now is %v away from the circle's time", m.Round(time.Second))
+	}
+}
