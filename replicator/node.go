@@ -204,7 +204,8 @@ func Open(cfg Config) (*Node, error) {
 		known:     known,
 		heal:      healer{targets: make(map[string]*healTarget)},
 	}
-	n.clock.now = n.circleNow // own wall clock, or the circle's median if later (skew.go)
+	n.clock.now = n.circleNow // the circle's time as this node knows it (skew.go)
+	n.clock.known = n.circleKnown
 	for _, b := range cfg.FirstWriterWins {
 		n.fww[b] = true
 	}

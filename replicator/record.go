@@ -123,6 +123,7 @@ type hlc struct {
 	last     uint64
 	now      func() time.Time
 	maxAhead time.Duration // 0: observe takes any timestamp (unit tests)
+	known    func() bool   // now is the circle's time, not only this node's (Node.circleKnown); nil: no
 }
 
 // maxMillis is the largest millisecond count a timestamp can carry.
@@ -135,9 +136,23 @@ func physical(t time.Time) uint64 {
 }
 
 // next returns a timestamp higher than every one returned or observed,
-// except at the largest timestamp, which it returns again.
+// except at the largest timestamp, which it returns again, and except when
+// the clock ran more than maxAhead ahead of its time source: then it comes
+// back to it (see below).
 func (c *hlc) next() uint64 {
 	pt := physical(c.now())
+	if c.maxAhead > 0 && c.known != nil && c.known() && c.last > physical(time.UnixMilli(int64(pt>>16)).Add(c.maxAhead))|0xffff {
+		// Our timestamps ran ahead of the circle's time by more than the
+		// maximum skew (this node's wall clock was fast, and now the circle's
+		// median or the time it last knew says so): peers refuse such
+		// versions, so come back to the circle's time. (A clock that only
+		// stepped back on a node that never measured the circle's keeps
+		// counting on from its timestamps instead.) Keys written while
+		// ahead keep their versions; a write to one of them fails with
+		// ErrClockSkew until the clock reaches it (versionLocalLocked).
+		c.last = pt
+		return c.last
+	}
 	if pt > c.last {
 		c.last = pt
 	} else if c.last < math.MaxUint64 {

@@ -35,13 +35,25 @@ import (
 // clock since. Members reports it; a peer beyond the maximum is logged (at
 // most once a minute per peer).
 //
-// "The local clock" above is circleNow: this node's wall clock, or the
-// median of the circle's clocks (this node's and the recently measured
-// peers', lower middle for an even count) if that is later. So a node that
-// alone is slow follows the others, accepting their records and versioning
-// its own writes by their time, instead of refusing everything current,
-// while the others refuse a node that alone is fast. Between two nodes the
-// median is never above one's own clock: nobody can tell which is wrong.
+// "The local clock" above is circleNow, the circle's time as this node
+// knows it:
+//   - with three or more clocks measured recently (this node's and its
+//     peers'), their median (lower middle for an even count). So a node
+//     whose clock alone is wrong, slow or fast, follows the others: it
+//     accepts their records and versions its own writes by their time,
+//     instead of refusing everything current (slow) or having all its
+//     writes refused (fast). A majority of wrong clocks wins.
+//   - with fewer (two nodes, or cut off from the circle), this node's wall
+//     clock, unless it stepped away from the circle's time this node last
+//     knew: the last circle time it measured (from a median, or from two
+//     clocks that agreed) carried forward by the monotonic clock is used
+//     while the wall clock differs from it by more than MaxClockSkew. So a
+//     clock stepped 10 minutes forward while the node is cut off does not
+//     version its writes 10 minutes ahead (they would win every conflict
+//     after the heal). Between two nodes that disagree and were never
+//     seen to agree, nobody can tell which is wrong: each keeps its own.
+// Offsets in Members and the probe acks are wall clock offsets (what an
+// admin must fix), not corrected ones.
 
 const (
 	asideMax      = 10000              // records kept aside
@@ -73,6 +85,12 @@ type skewState struct {
 	mu     sync.Mutex            // guards the following
 	peers  map[string]*peerClock // offset measurements by peer name
 	warned map[string]time.Time  // last refusal warning by writing node
+	// The circle's time as last measured (circleNow): wall reading
+	// without monotonic part, and the monotonic clock then.
+	anchorWall, anchorMono time.Time
+	hasAnchor              bool
+
+	known atomic.Bool // the circle's time was measured at least once (circleKnown)
 }
 
 // peerClock is what a node measured of a peer's clock.
@@ -292,11 +310,12 @@ func (n *Node) fillClockOffsets(ms []Member) {
 	}
 }
 
-// Now returns the circle's time as this node knows it: its wall clock
-// (Config.Now), or the median of the circle's clocks if that is later. It
+// Now returns the circle's time as this node knows it (see the top of
+// this file): the median of the circle's clocks, or this node's wall clock
+// (Config.Now) unless it stepped away from the circle's time last known. It
 // is the time versions are made and judged by; services on top of the
-// store (identity) can use it so that a node whose clock alone is slow
-// follows the circle there too. Safe for concurrent use; cheap.
+// store (identity) use it so that a node whose clock alone is wrong follows
+// the circle there too. Safe for concurrent use; cheap.
 func (n *Node) Now() time.Time { return n.circleNow() }
 
 // circleNow implements Now (see the top of this file).
@@ -312,12 +331,44 @@ func (n *Node) circleNow() time.Time {
 		}
 	}
 	n.skew.mu.Unlock()
-	if len(offsets) < 3 {
-		return now // with one peer, the lower middle is never later than ours
+	if len(offsets) >= 3 {
+		slices.Sort(offsets)
+		t := now.Add(offsets[(len(offsets)-1)/2])
+		n.skew.anchor(t)
+		return t
 	}
-	slices.Sort(offsets)
-	if med := offsets[(len(offsets)-1)/2]; med > 0 {
-		return now.Add(med)
+	if len(offsets) == 2 && offsets[1].Abs() <= n.cfg.MaxClockSkew {
+		n.skew.anchor(now) // two clocks that agree: ours is the circle's
+		return now
+	}
+	a, ok := n.skew.anchored()
+	if ok && a.Sub(now).Abs() > n.cfg.MaxClockSkew {
+		return a // our wall clock stepped away from the circle's time since we last knew it
 	}
 	return now
+}
+
+// circleKnown reports whether the last circleNow came from the circle's
+// clocks (now or as last measured) rather than from this node's wall
+// clock alone: only then may the HLC come back from timestamps that ran
+// ahead (hlc.next).
+func (n *Node) circleKnown() bool { return n.skew.known.Load() }
+
+// anchor records t as the circle's time now.
+func (s *skewState) anchor(t time.Time) {
+	s.mu.Lock()
+	s.anchorWall, s.anchorMono, s.hasAnchor = t.Round(0), time.Now(), true
+	s.mu.Unlock()
+	s.known.Store(true)
+}
+
+// anchored returns the last anchored circle time carried forward by the
+// monotonic clock; ok is false if there is none.
+func (s *skewState) anchored() (time.Time, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.hasAnchor {
+		return time.Time{}, false
+	}
+	return s.anchorWall.Add(time.Since(s.anchorMono)), true
 }
