@@ -1,19 +1,17 @@
 // Command faultnode is the node process of the fault-injection suite
-// (integration/faults): one replicator.Node and one identity.Service wired
-// as caddymodule wires them (a relay.Mesh on one UDP socket carrying
-// memberlist and replication streams, the relay.Manager path policy, the
-// identity buckets that are first-writer-wins, the initial sync wait before
-// identity starts), without Caddy. The test driver talks to it over a
+// (integration/faults): the product's node assembly without Caddy
+// (caddymodule/circlenode: a relay.Mesh on one UDP socket carrying
+// memberlist and replication streams, the relay.Manager path policy, one
+// replicator.Node with identity's first-writer-wins and merged buckets, the
+// initial sync wait, the identity.Service on top). The test driver talks to it over a
 // small JSON control API on a unix socket (-ctl), which it reaches whatever
 // network namespace, partition or address change the node is in.
 //
 // Its wall clock is time.Now plus an offset (-offset, and POST /clock at
 // run time), handed to both replicator.Config.Now and identity.Config.Now.
 //
-// It is a test binary: it trusts its caller, and it is not the product (the
-// real node assembly lives in caddymodule; issue 8 part 3 moves it into a
-// Caddy-free package that this binary should then use instead of the copy
-// in node.go).
+// It is a test binary: it trusts its caller. What it adds to circlenode is
+// only the control API, the clock offset and cheaper password hashes.
 package main
 
 import (
@@ -35,7 +33,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/homecircle/circle/caddymodule/circlenode"
 	"github.com/homecircle/circle/identity"
+	"github.com/homecircle/circle/relay"
 	"github.com/homecircle/circle/replicator"
 )
 
@@ -50,14 +50,14 @@ func main() {
 		dir        = flag.String("dir", "", "data directory (required)")
 		secretFile = flag.String("secret-file", "", "file with the base64 circle secret (required)")
 		listen     = flag.String("listen", "0.0.0.0:7946", "mesh UDP bind address")
-		advertise  = flag.String("advertise", "", "advertised mesh address (default: derived as caddymodule does)")
+		advertise  = flag.String("advertise", "", "advertised mesh address (default: derived as circlenode does)")
 		join       = flag.String("join", "", "comma-separated seeds host:port")
 		replicas   = flag.Int("replicas", 2, "acknowledged writes are on this many nodes")
 		ackTimeout = flag.Duration("ack-timeout", 5*time.Second, "replicator AckTimeout")
 		ctl        = flag.String("ctl", "", "unix socket of the control API (required)")
 		domain     = flag.String("domain", "circle.test", "circle domain")
 		off        = flag.Duration("offset", 0, "wall clock offset")
-		syncWait   = flag.Duration("sync-timeout", 10*time.Second, "initial sync bound (caddymodule's sync_timeout)")
+		syncWait   = flag.Duration("sync-timeout", 10*time.Second, "initial sync bound (circlenode.Config.SyncTimeout, caddymodule's sync_timeout)")
 	)
 	flag.Parse()
 	offset.Store(int64(*off))
@@ -92,7 +92,7 @@ func main() {
 	rc.Join = seeds
 	rc.Replicas = *replicas
 	rc.AckTimeout = *ackTimeout
-	rc.FirstWriterWins = identity.FirstWriterWinsBuckets()
+	circlenode.IdentityBuckets(&rc)
 	rc.Logger = log.With("component", "replicator")
 	rc.Now = now
 
@@ -106,7 +106,14 @@ func main() {
 		Argon2Memory: 4 * 1024,
 		Argon2Time:   1,
 	}
-	n, err := openNode(nodeConfig{replicator: rc, identity: ic, listen: *listen, advertise: *advertise, syncTimeout: *syncWait, log: log})
+	cn, err := circlenode.Open(circlenode.Config{
+		Replicator:  rc,
+		Identity:    ic,
+		SyncTimeout: *syncWait,
+		Listen:      *listen,
+		Advertise:   *advertise,
+		Logger:      log,
+	})
 	if err != nil {
 		fatal(log, "opening node", err)
 	}
@@ -116,6 +123,7 @@ func main() {
 	if err != nil {
 		fatal(log, "control socket", err)
 	}
+	n := &node{name: *name, cn: cn, mesh: cn.Mesh(), repl: cn.Replicator(), ident: cn.Identity()}
 	srv := &http.Server{Handler: newControl(n, log), ReadHeaderTimeout: 5 * time.Second}
 	go srv.Serve(ln)
 	log.Info("faultnode ready", "advertise", n.mesh.Addr().String())
@@ -127,7 +135,18 @@ func main() {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	srv.Shutdown(ctx)
 	cancel()
-	n.close()
+	if err := cn.Close(); err != nil {
+		log.Warn("closing node", "error", err)
+	}
+}
+
+// node is what the control API uses of the circlenode.Node.
+type node struct {
+	name  string
+	cn    *circlenode.Node
+	mesh  *relay.Mesh
+	repl  *replicator.Node
+	ident *identity.Service
 }
 
 func fatal(log *slog.Logger, what string, err error) {
