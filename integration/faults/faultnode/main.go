@@ -16,6 +16,7 @@ package main
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
@@ -57,6 +58,8 @@ func main() {
 		ctl        = flag.String("ctl", "", "unix socket of the control API (required)")
 		domain     = flag.String("domain", "circle.test", "circle domain")
 		off        = flag.Duration("offset", 0, "wall clock offset")
+		horizon    = flag.Duration("tombstone-horizon", 0, "replicator TombstoneHorizon (0: the default)")
+		leaseTTL   = flag.Duration("lease-ttl", 3*time.Second, "TTL of the lock leases (LeaseConfig.TTL)")
 		syncWait   = flag.Duration("sync-timeout", 10*time.Second, "initial sync bound (circlenode.Config.SyncTimeout, caddymodule's sync_timeout)")
 	)
 	flag.Parse()
@@ -81,7 +84,7 @@ func main() {
 		}
 	}
 	log = log.With("node", *name)
-	log.Info("faultnode starting", "listen", *listen, "join", seeds, "offset", *off, "replicas", *replicas)
+	log.Info("faultnode starting", "wire", wireBuild, "listen", *listen, "join", seeds, "offset", *off, "replicas", *replicas)
 
 	rc := replicator.DefaultConfig()
 	rc.Name = *name
@@ -95,6 +98,9 @@ func main() {
 	circlenode.IdentityBuckets(&rc)
 	rc.Logger = log.With("component", "replicator")
 	rc.Now = now
+	if *horizon > 0 {
+		rc.TombstoneHorizon = *horizon
+	}
 
 	ic := identity.Config{
 		Domain: *domain,
@@ -124,6 +130,14 @@ func main() {
 		fatal(log, "control socket", err)
 	}
 	n := &node{name: *name, cn: cn, mesh: cn.Mesh(), repl: cn.Replicator(), ident: cn.Identity()}
+	n.leases = replicator.NewLeases(n.repl, replicator.LeaseConfig{
+		Owner: *name + "/" + randomSuffix(), // a new holder per process, as caddymodule.Storage
+		TTL:   *leaseTTL,
+		Poll:  *leaseTTL / 10,
+		OnLost: func(lock string, err error) {
+			log.Warn("lock lease lost", "lock", lock, "error", err)
+		},
+	})
 	srv := &http.Server{Handler: newControl(n, log), ReadHeaderTimeout: 5 * time.Second}
 	go srv.Serve(ln)
 	log.Info("faultnode ready", "advertise", n.mesh.Addr().String())
@@ -135,6 +149,7 @@ func main() {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	srv.Shutdown(ctx)
 	cancel()
+	n.leases.Close()
 	if err := cn.Close(); err != nil {
 		log.Warn("closing node", "error", err)
 	}
@@ -147,6 +162,9 @@ type node struct {
 	mesh  *relay.Mesh
 	repl  *replicator.Node
 	ident *identity.Service
+	// leases is the process's one lock holder, as caddymodule.Storage has
+	// one per storage instance.
+	leases *replicator.Leases
 }
 
 func fatal(log *slog.Logger, what string, err error) {
@@ -159,6 +177,9 @@ func fatal(log *slog.Logger, what string, err error) {
 type control struct {
 	n   *node
 	log *slog.Logger
+	// finished counts /lock/finish calls: an order that sees it change
+	// ends its hold early (the driver stops its workloads).
+	finished atomic.Int64
 }
 
 func newControl(n *node, log *slog.Logger) http.Handler {
@@ -184,6 +205,8 @@ func newControl(n *node, log *slog.Logger) http.Handler {
 	mux.HandleFunc("POST /session/revoke", c.sessionRevoke)
 	mux.HandleFunc("POST /session/revoke-all", c.sessionRevokeAll)
 	mux.HandleFunc("POST /session/verify", c.sessionVerify)
+	mux.HandleFunc("POST /lock/order", c.lockOrder)
+	mux.HandleFunc("POST /lock/finish", c.lockFinish)
 	return mux
 }
 
@@ -226,7 +249,7 @@ func reply(w http.ResponseWriter, v any) {
 }
 
 func (c *control) health(w http.ResponseWriter, r *http.Request) {
-	reply(w, map[string]any{"name": c.n.name, "advertise": c.n.mesh.Addr().String()})
+	reply(w, map[string]any{"name": c.n.name, "advertise": c.n.mesh.Addr().String(), "wire": wireBuild})
 }
 
 type kvReq struct {
@@ -271,19 +294,20 @@ func (c *control) kvGet(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// DumpRecord is one live record in a dump.
+// DumpRecord is one record in a dump, live or a tombstone.
 type DumpRecord struct {
 	Bucket  string `json:"bucket"`
 	Key     string `json:"key"`
 	Version string `json:"version"`
-	Hash    string `json:"hash"`            // first 8 bytes of SHA-256(value), hex
-	Value   string `json:"value,omitempty"` // the value itself for the workload buckets
+	WallMS  int64  `json:"wall_ms"`           // the version's wall time (unix ms)
+	Deleted bool   `json:"deleted,omitempty"` // a tombstone
+	Hash    string `json:"hash,omitempty"`    // first 8 bytes of SHA-256(value), hex
+	Value   string `json:"value,omitempty"`   // the value itself for the workload buckets
 }
 
-// Dump is a node's full state as far as the replicator's API shows it: every
-// live record of the known buckets with its version, plus the counts of
-// live records and tombstones over all buckets. (The API offers no listing
-// of tombstones; their count stands in for them.)
+// Dump is a node's full state: every record of the known buckets, tombstones
+// included (replicator.Node.ListWithTombstones), with its version, plus the
+// counts of live records and tombstones over all buckets.
 type Dump struct {
 	Node       string       `json:"node"`
 	Records    []DumpRecord `json:"records"`
@@ -294,21 +318,25 @@ type Dump struct {
 
 // dumpBuckets are every bucket the node writes: identity's and the
 // workloads'.
-var dumpBuckets = []string{"accounts", "usernames", "sessions", "revocations", "keys", "invites", "throttle", "reg", "set"}
+var dumpBuckets = []string{"accounts", "usernames", "sessions", "revocations", "keys", "invites", "throttle", "reg", "set",
+	"locks", "lockgrants", "lockvoters"}
 
 func (c *control) dump(w http.ResponseWriter, r *http.Request) {
 	d := Dump{Node: c.n.name}
 	for _, b := range dumpBuckets {
-		recs, err := c.n.repl.List(b, "")
+		recs, err := c.n.repl.ListWithTombstones(b, "")
 		if err != nil {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 			return
 		}
 		for _, rec := range recs {
-			h := sha256.Sum256(rec.Value)
-			dr := DumpRecord{Bucket: b, Key: rec.Key, Version: rec.Version.String(), Hash: hex.EncodeToString(h[:8])}
-			if b == "reg" || b == "set" {
-				dr.Value = string(rec.Value)
+			dr := DumpRecord{Bucket: b, Key: rec.Key, Version: rec.Version.String(), WallMS: rec.Version.WallTime().UnixMilli(), Deleted: rec.Deleted}
+			if !rec.Deleted {
+				h := sha256.Sum256(rec.Value)
+				dr.Hash = hex.EncodeToString(h[:8])
+				if b == "reg" || b == "set" {
+					dr.Value = string(rec.Value)
+				}
 			}
 			d.Records = append(d.Records, dr)
 		}
@@ -507,4 +535,132 @@ func (c *control) sessionVerify(w http.ResponseWriter, r *http.Request) {
 		out["error"] = "invalid: " + err.Error()
 	}
 	reply(w, out)
+}
+
+// ---- locks ----
+
+// lockFinish makes the orders in progress end their holds now.
+func (c *control) lockFinish(w http.ResponseWriter, r *http.Request) {
+	c.finished.Add(1)
+	reply(w, map[string]string{"type": "ok"})
+}
+
+// lockOrder simulates a certmagic ACME order: Lock the name (waiting up to
+// Wait), hold it for Hold while renewing every Renew (as certmagic's
+// RenewLockLease), then Unlock. It reports the hold interval as this holder
+// saw it, in real time (time.Now without the offset: every process of the
+// suite runs on one machine, so intervals of different nodes compare):
+// from Lock's return to the Unlock call, or, if the lease was lost, to the
+// first moment Held reported false or Renew said ErrLeaseLost /
+// ErrLeaseNotHeld (Held is sampled every 20 ms, far below the TTL/20 margin
+// by which acceptors outlast the holder's belief). The holder stops working
+// on the order as soon as it sees the lease lost.
+func (c *control) lockOrder(w http.ResponseWriter, r *http.Request) {
+	var q struct {
+		Name  string `json:"name"`
+		Wait  string `json:"wait"`
+		Hold  string `json:"hold"`
+		Renew string `json:"renew"`
+	}
+	if !decode(w, r, &q) {
+		return
+	}
+	wait, err1 := time.ParseDuration(q.Wait)
+	hold, err2 := time.ParseDuration(q.Hold)
+	every, err3 := time.ParseDuration(q.Renew)
+	if err := errors.Join(err1, err2, err3); err != nil || every <= 0 {
+		http.Error(w, fmt.Sprintf("bad durations: %v", err), http.StatusBadRequest)
+		return
+	}
+	type renewal struct {
+		AtNS  int64  `json:"at_ns"`
+		Error string `json:"error,omitempty"`
+	}
+	out := struct {
+		Type     string    `json:"type"` // ok: held and released or lost; fail: not taken
+		Error    string    `json:"error,omitempty"`
+		StartNS  int64     `json:"start_ns,omitempty"`
+		EndNS    int64     `json:"end_ns,omitempty"`
+		Lost     bool      `json:"lost,omitempty"`
+		Renewals []renewal `json:"renewals,omitempty"`
+	}{}
+	gen := c.finished.Load()
+	ctx, cancel := context.WithTimeout(r.Context(), wait)
+	err := c.n.leases.Lock(ctx, q.Name)
+	cancel()
+	if err != nil {
+		out.Type, out.Error = "fail", err.Error()
+		reply(w, out)
+		return
+	}
+	start := time.Now()
+	out.Type, out.StartNS = "ok", start.UnixNano()
+	sample := time.NewTicker(20 * time.Millisecond)
+	defer sample.Stop()
+	nextRenew := start.Add(every)
+	end := start.Add(hold)
+	// Renewals run beside the sampling, so a renewal that waits for
+	// acknowledgements does not hide the moment the lease ends.
+	renewed := make(chan renewal, 1)
+	renewing := false
+	lost := func(at time.Time) {
+		out.Lost, out.EndNS = true, at.UnixNano()
+		c.log.Warn("lock order: lease no longer held", "lock", q.Name, "held_for", at.Sub(start))
+	}
+loop:
+	for {
+		select {
+		case rn := <-renewed:
+			renewing = false
+			out.Renewals = append(out.Renewals, rn)
+			if rn.Error != "" && (strings.Contains(rn.Error, replicator.ErrLeaseLost.Error()) || strings.Contains(rn.Error, replicator.ErrLeaseNotHeld.Error())) {
+				lost(time.Now())
+				break loop
+			}
+			continue
+		case <-sample.C:
+		}
+		now := time.Now()
+		if !c.n.leases.Held(q.Name) {
+			lost(now)
+			break
+		}
+		if !now.Before(end) || c.finished.Load() != gen {
+			out.EndNS = now.UnixNano() // the holder stops working here, then releases
+			if renewing {
+				<-renewed
+			}
+			uctx, ucancel := context.WithTimeout(context.Background(), opTimeout)
+			if err := c.n.leases.Unlock(uctx, q.Name); err != nil {
+				out.Error = "unlock: " + err.Error()
+				out.Lost = errors.Is(err, replicator.ErrLeaseLost) || errors.Is(err, replicator.ErrLeaseNotHeld)
+			}
+			ucancel()
+			break
+		}
+		if !renewing && !now.Before(nextRenew) {
+			nextRenew = nextRenew.Add(every)
+			renewing = true
+			go func() {
+				rctx, rcancel := context.WithTimeout(context.Background(), every)
+				err := c.n.leases.Renew(rctx, q.Name, 0)
+				rcancel()
+				rn := renewal{AtNS: time.Now().UnixNano()}
+				if err != nil {
+					rn.Error = err.Error()
+				}
+				renewed <- rn
+			}()
+		}
+	}
+	if renewing && out.Lost {
+		go func() { <-renewed }()
+	}
+	reply(w, out)
+}
+
+func randomSuffix() string {
+	var b [4]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }
