@@ -63,7 +63,8 @@ func TestFaults(t *testing.T) {
 
 		// Locks, garbage collection, a mixed-version circle.
 		{"locks/orders-through-partitions-clocks-and-kill", lockOrders},
-		{"gc/node-returns-after-horizon", returnAfterHorizon},
+		{"gc/node-returns-after-horizon", returnAfterHorizon(true)},
+		{"gc/node-returns-after-horizon-cut-before-its-next-exchange", returnAfterHorizon(false)},
 		{"upgrade/one-node-on-next-wire", nextWireNode},
 
 		// Everything at once.
@@ -463,62 +464,90 @@ const gcHorizon = 20 * time.Second
 
 // returnAfterHorizon: gamma is cut off for longer than the tombstone
 // horizon while alpha deletes keys gamma holds and the others collect
-// their tombstones; when gamma returns it must not bring them back
-// (docs/INTERNALS.md, garbage collection: a returning node drops what the
-// circle deleted).
-func returnAfterHorizon(t *testing.T) {
-	runScenario(t, scenario{
-		opts: clusterOpts{nodes: 3, seeds: ipSeeds, tombstoneHorizon: gcHorizon},
-		work: wRegisters | wSet,
-		nemesis: func(r *run) {
-			a, b, g := r.c.nodes[0], r.c.nodes[1], r.c.nodes[2]
-			var keys []string
-			for i := range 5 {
-				k := fmt.Sprintf("r-gc%d", i)
-				keys = append(keys, k)
-				if _, res := r.w.write("pinned", "put", a, k, "before-the-cut-"+k, "/kv/put", map[string]string{"bucket": regBucket, "key": k, "value": "before-the-cut-" + k}); res.Type != "ok" {
-					r.t.Fatalf("put %s on alpha: %s %s", k, res.Type, res.Error)
-				}
-			}
-			waitFor(r.t, medium, "the pinned keys on gamma", func() error {
-				for _, k := range keys {
-					var res struct{ Found bool }
-					if err := g.post("/kv/get", map[string]string{"bucket": regBucket, "key": k}, &res); err != nil || !res.Found {
-						return fmt.Errorf("%s not on gamma yet (%v)", k, err)
+// their tombstones; when gamma returns it must not bring them back, and
+// what gamma wrote while alone must reach the others (docs/INTERNALS.md,
+// garbage collection: a returning node drops what the circle deleted).
+//
+// With synced, the cut comes after gamma completed an exchange that
+// covers the keys (the case the replicator's rule is exact for: "one node
+// away longer than the horizon while the rest of the circle kept
+// syncing"); without, right after the keys reached gamma by replication,
+// before its next exchange (up to AntiEntropyInterval, 5 s, later), as
+// happens to any record written in the last seconds before a node goes
+// offline. No random workload: its keys would fall in that window too.
+func returnAfterHorizon(synced bool) func(t *testing.T) {
+	return func(t *testing.T) {
+		runScenario(t, scenario{
+			opts: clusterOpts{nodes: 3, seeds: ipSeeds, tombstoneHorizon: gcHorizon},
+			nemesis: func(r *run) {
+				a, b, g := r.c.nodes[0], r.c.nodes[1], r.c.nodes[2]
+				put := func(n *fnode, k, v string) {
+					if _, res := r.w.write("pinned", "put", n, k, v, "/kv/put", map[string]string{"bucket": regBucket, "key": k, "value": v}); res.Type != "ok" {
+						r.t.Fatalf("put %s on %s: %s %s", k, n.name, res.Type, res.Error)
 					}
 				}
-				return nil
-			})
-			r.c.isolate(g)
-			cut := time.Now()
-			for _, k := range keys {
-				if _, res := r.w.write("pinned", "delete", a, k, "", "/kv/delete", map[string]string{"bucket": regBucket, "key": k}); res.Type != "ok" {
-					r.t.Fatalf("delete %s on alpha: %s %s", k, res.Type, res.Error)
+				var keys []string
+				for i := range 5 {
+					k := fmt.Sprintf("r-gc%d", i)
+					keys = append(keys, k)
+					put(a, k, "before-the-cut-"+k)
 				}
-			}
-			// The first collection pass runs a minute after a node starts,
-			// then every horizon/24: the tombstones go within about a
-			// minute and a half.
-			waitFor(r.t, 100*time.Second, "the pinned tombstones collected on alpha and beta", func() error {
-				for _, n := range []*fnode{a, b} {
-					var d dump
-					if err := n.get("/dump", &d); err != nil {
-						return err
-					}
-					for _, rec := range d.Records {
-						if rec.Bucket == regBucket && slices.Contains(keys, rec.Key) {
-							return fmt.Errorf("%s/%s still on %s (deleted: %v)", rec.Bucket, rec.Key, n.name, rec.Deleted)
+				written := time.Now()
+				waitFor(r.t, medium, "the pinned keys on gamma", func() error {
+					for _, k := range keys {
+						var res struct{ Found bool }
+						if err := g.post("/kv/get", map[string]string{"bucket": regBucket, "key": k}, &res); err != nil || !res.Found {
+							return fmt.Errorf("%s not on gamma yet (%v)", k, err)
 						}
 					}
+					return nil
+				})
+				if synced {
+					waitFor(r.t, medium, "an exchange of gamma's after the writes", func() error {
+						var st struct {
+							LastSync time.Time `json:"last_sync"`
+						}
+						if err := g.get("/stats", &st); err != nil {
+							return err
+						}
+						if !st.LastSync.After(written) {
+							return fmt.Errorf("gamma's last sync %v", st.LastSync)
+						}
+						return nil
+					})
 				}
-				return nil
-			})
-			r.c.hist.note("nemesis", "the pinned tombstones are collected on alpha and beta")
-			if away := time.Since(cut); away < gcHorizon+5*time.Second {
-				pause(gcHorizon + 5*time.Second - away)
-			}
-		},
-	})
+				r.c.isolate(g)
+				cut := time.Now()
+				for _, k := range keys {
+					if _, res := r.w.write("pinned", "delete", a, k, "", "/kv/delete", map[string]string{"bucket": regBucket, "key": k}); res.Type != "ok" {
+						r.t.Fatalf("delete %s on alpha: %s %s", k, res.Type, res.Error)
+					}
+				}
+				waitFor(r.t, medium, "gamma alone", func() error { return seesOthersDown(g) })
+				put(g, "r-gc-alone", "written-on-gamma-alone")
+				// The first collection pass runs a minute after a node starts,
+				// then every horizon/24.
+				waitFor(r.t, 100*time.Second, "the pinned tombstones collected on alpha and beta", func() error {
+					for _, n := range []*fnode{a, b} {
+						var d dump
+						if err := n.get("/dump", &d); err != nil {
+							return err
+						}
+						for _, rec := range d.Records {
+							if rec.Bucket == regBucket && slices.Contains(keys, rec.Key) {
+								return fmt.Errorf("%s/%s still on %s (deleted: %v)", rec.Bucket, rec.Key, n.name, rec.Deleted)
+							}
+						}
+					}
+					return nil
+				})
+				r.c.hist.note("nemesis", "the pinned tombstones are collected on alpha and beta")
+				if away := time.Since(cut); away < gcHorizon+5*time.Second {
+					pause(gcHorizon + 5*time.Second - away)
+				}
+			},
+		})
+	}
 }
 
 // nextWireNode: gamma runs the faultnode built with -tags circle_nextwire
@@ -596,6 +625,8 @@ func TestSoak(t *testing.T) {
 				r.c.setAddr(d, "198.18.0.45")
 				pause(40 * time.Second)
 			}}},
+		{"next-wire-node-alone-70s", scenario{opts: clusterOpts{nodes: 4, seeds: hostSeeds, nextWire: []string{"delta"}}, work: wAll,
+			nemesis: func(r *run) { r.c.isolate(r.c.nodes[3]); pause(70 * time.Second) }}},
 		{"wipe-during-split-70s", scenario{opts: clusterOpts{nodes: 4, seeds: ipSeeds}, work: wAll,
 			nemesis: func(r *run) {
 				r.c.partition(r.c.nodes[:2], r.c.nodes[2:])
