@@ -8,7 +8,9 @@
 // network namespace, partition or address change the node is in.
 //
 // Its wall clock is time.Now plus an offset (-offset, and POST /clock at
-// run time), handed to both replicator.Config.Now and identity.Config.Now.
+// run time), handed to replicator.Config.Now; identity gets the replicator's
+// Node.Now built on it (the node's clock, or the circle's median if later),
+// as circlenode gives it in the product.
 //
 // It is a test binary: it trusts its caller. What it adds to circlenode is
 // only the control API, the clock offset and cheaper password hashes.
@@ -106,7 +108,9 @@ func main() {
 		Domain: *domain,
 		Secret: secret,
 		Logger: log.With("component", "identity"),
-		Now:    now,
+		// Now left nil: circlenode.Open gives identity the replicator's
+		// Node.Now, which includes the offset (rc.Now) and follows the
+		// circle's median clock when this node's is slow, as in caddy.
 		// Cheaper hashes than the product's (19 MiB, t=2): the suite checks
 		// replication, not password hashing, and shares 2 cores.
 		Argon2Memory: 4 * 1024,
