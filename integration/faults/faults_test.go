@@ -54,6 +54,7 @@ func TestFaults(t *testing.T) {
 
 		// Clocks.
 		{"clock/plus-10m-during-split-loses-no-ack", plus10m},
+		{"clock/plus-10m-in-contact-loses-no-ack", plus10mInContact},
 		{"clock/minus-2m-revoke-all", revokeAllSlowClock},
 		{"clock/offsets-2m-1d-and-backward-step", clockOffsets},
 
@@ -253,6 +254,38 @@ func plus10m(t *testing.T) {
 			put(g, "written-on-fast-gamma")
 			put(a, "written-later-on-alpha")
 			pause(short)
+		},
+	})
+}
+
+// plus10mInContact is the acceptance of issue 8 for clocks: one node 10
+// minutes fast while it is in contact with the others. Its writes are
+// refused by the others (not acknowledged: "info"), no acknowledged write
+// is lost, and the others measure its offset (shown in status).
+func plus10mInContact(t *testing.T) {
+	runScenario(t, scenario{
+		opts: clusterOpts{nodes: 3, seeds: ipSeeds},
+		work: wKV,
+		nemesis: func(r *run) {
+			a, g := r.c.nodes[0], r.c.nodes[2]
+			r.c.setClock(g, 10*time.Minute)
+			waitFor(r.t, medium, "alpha measures gamma's offset", func() error {
+				var ms []struct {
+					Name          string
+					ClockOffset   time.Duration
+					ClockMeasured bool
+				}
+				if err := a.get("/members", &ms); err != nil {
+					return err
+				}
+				for _, m := range ms {
+					if m.Name == g.name && m.ClockMeasured && (m.ClockOffset-10*time.Minute).Abs() < 5*time.Second {
+						return nil
+					}
+				}
+				return fmt.Errorf("gamma's offset not measured on alpha yet: %+v", ms)
+			})
+			pause(medium)
 		},
 	})
 }
