@@ -78,3 +78,35 @@ func TestPrepareDumps(t *testing.T) {
 		t.Fatal("a missing recent tombstone went unnoticed")
 	}
 }
+
+// TestCheckDisabled pins the monotone disable rule.
+func TestCheckDisabled(t *testing.T) {
+	s := time.Second
+	w := func(id int, node, typ, value string, inv, done time.Duration) write {
+		f := "disable"
+		if value == "false" {
+			f = "enable"
+		}
+		return write{op: Op{ID: id, F: f, Node: node, Type: typ, Invoke: inv, Complete: done}, value: value}
+	}
+	dis := w(1, "gamma", "ok", "true", 1*s, 2*s)
+	enOther := w(2, "beta", "ok", "false", 3*s, 4*s)
+	enSame := w(3, "gamma", "ok", "false", 3*s, 4*s)
+	for _, tc := range []struct {
+		name     string
+		disabled bool
+		ws       []write
+		ok       bool
+	}{
+		{"disable holds", true, []write{dis}, true},
+		{"disable lost", false, []write{dis}, false},
+		{"enable elsewhere may not have seen it", true, []write{dis, enOther}, true},
+		{"enable elsewhere may have seen it", false, []write{dis, enOther}, true},
+		{"enable on its node lifted it", true, []write{dis, enSame}, false},
+		{"never disabled", true, nil, false},
+	} {
+		if got := checkDisabled("d", tc.disabled, tc.ws) == ""; got != tc.ok {
+			t.Errorf("%s: consistent = %v, want %v", tc.name, got, tc.ok)
+		}
+	}
+}
