@@ -16,15 +16,28 @@ type lackRule struct {
 	tombBefore  uint64 // tombstones older (ms) are neither given nor wanted: collected or about to be
 	dropBelow   uint64 // records of ours the peer lacks, older (ms): dropped here, not given (we are returning)
 	ignoreBelow uint64 // records of theirs we lack, older (ms): not wanted (the peer is returning and drops them)
+	// The same for records the returning side received from others (their
+	// writer is not the returning node), which may be newer than its last
+	// sync: received in the moments before it went away. Such a record
+	// older than the horizon that the peer lacks was deleted and its
+	// tombstone collected (a collected tombstone is older than the horizon,
+	// and the delete came after the write) or never reached the circle
+	// from its writer (the limit stated for records older than the last
+	// sync, now for these too).
+	self, peer      string
+	dropRecvBelow   uint64
+	ignoreRecvBelow uint64
 }
 
-func (n *Node) lackRule(mine, theirs uint64) lackRule {
-	r := lackRule{tombBefore: n.horizonMs()}
+func (n *Node) lackRule(mine, theirs uint64, peer string) lackRule {
+	r := lackRule{tombBefore: n.horizonMs(), self: n.cfg.Name, peer: peer}
 	if n.stale(mine) && theirs != 0 {
 		r.dropBelow = min(mine, theirs)
+		r.dropRecvBelow = min(theirs, r.tombBefore)
 	}
 	if n.stale(theirs) && mine != 0 {
 		r.ignoreBelow = min(mine, theirs)
+		r.ignoreRecvBelow = min(mine, r.tombBefore)
 	}
 	return r
 }
@@ -44,7 +57,7 @@ func (p *turnPlan) onlyMine(r lackRule, bucket string, e summaryEntry) {
 	t := e.m.v.Time >> 16
 	switch {
 	case e.m.deleted && t < r.tombBefore:
-	case t < r.dropBelow:
+	case t < r.dropBelow, e.m.v.Node != r.self && t < r.dropRecvBelow:
 		p.drop[bucket] = append(p.drop[bucket], e)
 	default:
 		p.add(p.give, bucket, e.key)
@@ -54,7 +67,7 @@ func (p *turnPlan) onlyMine(r lackRule, bucket string, e summaryEntry) {
 // onlyTheirs handles a record of the peer's we lack.
 func (p *turnPlan) onlyTheirs(r lackRule, bucket string, e summaryEntry) {
 	t := e.m.v.Time >> 16
-	if (e.m.deleted && t < r.tombBefore) || t < r.ignoreBelow {
+	if (e.m.deleted && t < r.tombBefore) || t < r.ignoreBelow || (e.m.v.Node != r.peer && t < r.ignoreRecvBelow) {
 		return
 	}
 	p.add(p.want, bucket, e.key)
@@ -234,7 +247,7 @@ func (n *Node) serveTree(sc *secureConn, body []byte) error {
 // side sends an empty turn.
 func (n *Node) treeTurns(sc *secureConn, peer string, start uint64, t *treeTurn, first bool) error {
 	mine, theirs := n.lastSyncMs(), t.lastSync
-	rule := n.lackRule(mine, theirs)
+	rule := n.lackRule(mine, theirs, peer)
 	deadline := time.Now().Add(aeTimeout)
 	for round := 0; ; round++ {
 		if t.empty() && !first {

@@ -108,39 +108,160 @@ func initial(value string) write {
 	return write{op: Op{ID: -1, F: "initial", Type: "ok"}, value: value}
 }
 
-// dump is a faultnode's /dump answer.
-type dump struct {
-	Node    string `json:"node"`
-	Records []struct {
-		Bucket  string `json:"bucket"`
-		Key     string `json:"key"`
-		Version string `json:"version"`
-		Hash    string `json:"hash"`
-		Value   string `json:"value"`
-	} `json:"records"`
-	Live       int `json:"live"`
-	Tombstones int `json:"tombstones"`
-	Buckets    int `json:"buckets"`
+// dumpRecord is one record of a dump, live or a tombstone.
+type dumpRecord struct {
+	Bucket  string `json:"bucket"`
+	Key     string `json:"key"`
+	Version string `json:"version"`
+	WallMS  int64  `json:"wall_ms"`
+	Deleted bool   `json:"deleted"`
+	Hash    string `json:"hash"`
+	Value   string `json:"value"`
 }
 
-// digest identifies a dump's content (not its node).
+// dump is a faultnode's /dump answer: every record of the known buckets,
+// tombstones included, and the node's counts over all buckets.
+type dump struct {
+	Node       string       `json:"node"`
+	Records    []dumpRecord `json:"records"`
+	Live       int          `json:"live"`
+	Tombstones int          `json:"tombstones"`
+	Buckets    int          `json:"buckets"`
+
+	// Set by the checker, not the node: the records that take part in
+	// the comparison (see comparable) and the keys whose final value is
+	// decided only once the clocks meet (see deferredKeys).
+	cmp      []dumpRecord
+	deferred map[string]bool // bucket + "/" + key
+	eventual map[string]dumpRecord
+}
+
+// digest identifies a dump's compared content (not its node). The
+// tombstone count is left out: the tombstones themselves are compared,
+// except those the nodes may collect at different moments. The live count
+// (over every bucket, also any the dump does not list) is compared unless
+// some keys are deferred, which it counts too.
 func (d *dump) digest() string {
-	d2 := *d
-	d2.Node = ""
-	b, _ := json.Marshal(d2)
+	live := d.Live
+	if len(d.deferred) > 0 {
+		live = -1
+	}
+	b, _ := json.Marshal(struct {
+		R          []dumpRecord
+		Live, Bkts int
+	}{d.cmp, live, d.Buckets})
 	h := sha256.Sum256(b)
 	return hex.EncodeToString(h[:6])
 }
 
-// value returns the live value of bucket/key in d, or absent.
+// value returns the value of bucket/key in d, or absent. For a key whose
+// final value waits for clocks to meet, it is the value the key will have
+// everywhere then: the highest version any node holds (last writer wins).
 func (d *dump) value(bucket, key string) string {
+	if r, ok := d.eventual[bucket+"/"+key]; ok {
+		if r.Deleted {
+			return absent
+		}
+		return r.Value
+	}
 	for _, r := range d.Records {
-		if r.Bucket == bucket && r.Key == key {
+		if r.Bucket == bucket && r.Key == key && !r.Deleted {
 			return r.Value
 		}
 	}
 	return absent
 }
+
+// parseVersion splits a version string ("<ms>.<counter>@<node>") into its
+// parts for ordering.
+func parseVersion(v string) (ms, ctr uint64, node string) {
+	num, node, _ := strings.Cut(v, "@")
+	a, b, _ := strings.Cut(num, ".")
+	fmt.Sscan(a, &ms)
+	fmt.Sscan(b, &ctr)
+	return ms, ctr, node
+}
+
+// versionLess orders version strings as replicator.Version.Compare does.
+func versionLess(a, b string) bool {
+	am, ac, an := parseVersion(a)
+	bm, bc, bn := parseVersion(b)
+	if am != bm {
+		return am < bm
+	}
+	if ac != bc {
+		return ac < bc
+	}
+	return an < bn
+}
+
+// prepare sets what the comparison of dumps polled at polled looks at.
+//
+// Tombstones whose version is older than the garbage-collection horizon
+// (less a minute's slack, or half the horizon if shorter) are left out: each node collects them at its own
+// moment (replicator/gc.go), so they may be on some nodes and not others.
+//
+// A key is deferred when some node holds a version of it that is more than
+// the maximum clock skew (less 5 s) ahead of another node's clock and that
+// node does not hold the same version: the product keeps such a record
+// aside until the receiver's clock reaches it (docs/INTERNALS.md, Clocks),
+// which for a node left 10 minutes fast is 10 minutes after the heal, not
+// 30 s. Deferred keys are left out of the comparison (and counted in the
+// report); their value is judged as the one they will have once the clocks
+// meet: the highest version any node holds, tombstones included.
+func prepare(ds map[string]*dump, offsets map[string]time.Duration, horizon time.Duration, polled time.Time) {
+	collectable := polled.Add(-horizon + min(time.Minute, horizon/2)).UnixMilli()
+	type rk struct{ b, k string }
+	holders := map[rk]map[string]string{} // key -> node -> version
+	best := map[rk]dumpRecord{}
+	for name, d := range ds {
+		for _, r := range d.Records {
+			k := rk{r.Bucket, r.Key}
+			if holders[k] == nil {
+				holders[k] = map[string]string{}
+			}
+			holders[k][name] = r.Version
+			if b, ok := best[k]; !ok || versionLess(b.Version, r.Version) {
+				best[k] = r
+			}
+		}
+	}
+	deferred := map[rk]bool{}
+	for k, per := range holders {
+		for _, v := range per {
+			ms, _, _ := parseVersion(v)
+			for name := range ds {
+				clock := polled.Add(offsets[name] + maxClockSkew - 5*time.Second).UnixMilli()
+				if per[name] != v && int64(ms) > clock {
+					deferred[k] = true
+				}
+			}
+		}
+	}
+	for _, d := range ds {
+		d.cmp = nil
+		d.deferred = map[string]bool{}
+		d.eventual = map[string]dumpRecord{}
+		for _, r := range d.Records {
+			k := rk{r.Bucket, r.Key}
+			if deferred[k] {
+				continue
+			}
+			if r.Deleted && r.WallMS < collectable {
+				continue
+			}
+			d.cmp = append(d.cmp, r)
+		}
+		for k := range deferred {
+			d.deferred[k.b+"/"+k.k] = true
+			d.eventual[k.b+"/"+k.k] = best[k]
+		}
+	}
+}
+
+// maxClockSkew is the replicator's default Config.MaxClockSkew, which
+// faultnode keeps.
+const maxClockSkew = time.Minute
 
 // checkKV checks the registers and the set in one node's dump against the
 // history.
@@ -203,8 +324,8 @@ func checkAccount(n *fnode, acc *account, ops []Op) []string {
 	}
 	var v []string
 	where := func(field string) string { return fmt.Sprintf("%s of %s on %s", field, acc.username, n.name) }
-	dis := append([]write{initial("false")}, writesOf(ops, acc.id, []string{"disable", "enable"}, func(op Op) string { return op.Value })...)
-	if s := checkRegister(where("disabled"), fmt.Sprint(p.Disabled), dis); s != "" {
+	dis := writesOf(ops, acc.id, []string{"disable", "enable"}, func(op Op) string { return op.Value })
+	if s := checkDisabled(where("disabled"), p.Disabled, dis); s != "" {
 		v = append(v, s)
 	}
 	pw := absent
@@ -215,12 +336,117 @@ func checkAccount(n *fnode, acc *account, ops []Op) []string {
 	if s := checkRegister(where("password"), pw, pws); s != "" {
 		v = append(v, s)
 	}
-	groups := strings.Join(p.Groups, ",")
-	gs := append([]write{initial("init")}, writesOf(ops, acc.id, []string{"groups"}, func(op Op) string { return op.Value })...)
-	if s := checkRegister(where("groups"), groups, gs); s != "" {
-		v = append(v, s)
+	v = append(v, checkGroups(where, p.Groups, writesOf(ops, acc.id, []string{"groups"}, func(op Op) string { return op.Value }))...)
+	return v
+}
+
+// checkDisabled checks an account's disabled field. The account merge
+// makes a disable monotone (docs/INTERNALS.md, Account merge): an enable
+// lifts only the disables its node had seen, so "a concurrent enable that
+// did not see a disable does not lift it", whatever the real-time order
+// (issue 8 asks for security-monotone rules). Hence:
+//   - enabled: the strict register rule (an acknowledged disable that no
+//     later write could have overridden was undone);
+//   - disabled: some disable must not have been lifted for certain, i.e.
+//     no acknowledged enable was made on the disable's own node after the
+//     disable completed there (that enable certainly saw it). An enable on
+//     another node may not have seen it yet: the suite cannot tell, and the
+//     design keeps the account disabled then.
+//
+// (The plain register rule, used before, asserted that a real-time later
+// enable always wins; the soak found it "violated" 2 s after a heal, by an
+// enable on a node the disable had not reached yet.)
+func checkDisabled(what string, disabled bool, ws []write) string {
+	if !disabled {
+		return checkRegister(what, "false", append([]write{initial("false")}, ws...))
+	}
+	for _, d := range ws {
+		if d.value != "true" {
+			continue
+		}
+		lifted := false
+		for _, e := range ws {
+			if e.value == "false" && e.op.Type == "ok" && e.op.Node == d.op.Node && e.op.Invoke > d.op.Complete && d.op.Complete > 0 {
+				lifted = true
+				break
+			}
+		}
+		if !lifted {
+			return ""
+		}
+	}
+	return fmt.Sprintf("%s is true, but no disable can still hold (none was made, or each was lifted by an acknowledged enable made on its node after it)", what)
+}
+
+// checkGroups checks an account's groups. The account merge keeps one
+// stamp per group name (docs/INTERNALS.md, Account merge: "group edits
+// merge"): SetGroups([g]) adds g and removes the groups its node knows of,
+// so two concurrent SetGroups end with both groups, and a removal of a
+// group the writer had not seen yet does not happen. Each group name is
+// therefore its own register (present or absent), and a write that leaves
+// a group out only may remove it:
+//   - a group that is absent must have been removed by a write that could
+//     have been the last one for it (the register rule: an acknowledged
+//     write that adds it and was invoked after every removal completed was
+//     lost);
+//   - a group that is present must have been added by some write (or be
+//     the initial group); that a removal was lost cannot be told from a
+//     removal by a node that had not seen the group yet.
+//
+// (Judging the list as one register, as this suite did before the merge,
+// asserted whole-record last-writer-wins, which the issue replaces.)
+func checkGroups(where func(string) string, final []string, ws []write) []string {
+	var v []string
+	names := map[string]bool{"init": true}
+	for _, w := range ws {
+		names[w.value] = true
+	}
+	for _, g := range sortedKeys(names) {
+		present := slices.Contains(final, g)
+		if present {
+			continue // added by the initial record or by a write of it
+		}
+		init := absent
+		if g == "init" {
+			init = "present"
+		}
+		gw := []write{initial(init)}
+		for _, w := range ws {
+			val := absent
+			if w.value == g {
+				val = "present"
+			}
+			gw = append(gw, write{op: w.op, value: val})
+		}
+		if s := checkRegister(where("group "+g), absent, gw); s != "" {
+			v = append(v, s)
+		}
+	}
+	for _, g := range final {
+		if !names[g] {
+			v = append(v, fmt.Sprintf("%s is present but no write of this run added it", where("group "+g)))
+		}
 	}
 	return v
+}
+
+// offsets returns every node's clock offset.
+func (c *cluster) offsets() map[string]time.Duration {
+	out := map[string]time.Duration{}
+	for _, n := range c.nodes {
+		n.mu.Lock()
+		out[n.name] = n.offset
+		n.mu.Unlock()
+	}
+	return out
+}
+
+// horizon is the nodes' tombstone horizon.
+func (c *cluster) horizon() time.Duration {
+	if c.opts.tombstoneHorizon > 0 {
+		return c.opts.tombstoneHorizon
+	}
+	return 72 * time.Hour // replicator.DefaultTombstoneHorizon
 }
 
 // dumps fetches every running node's dump.
@@ -253,12 +479,12 @@ func dumpDiff(ds map[string]*dump) string {
 	type rk struct{ b, k string }
 	seen := map[rk]map[string]string{}
 	for name, d := range ds {
-		for _, r := range d.Records {
+		for _, r := range d.cmp {
 			key := rk{r.Bucket, r.Key}
 			if seen[key] == nil {
 				seen[key] = map[string]string{}
 			}
-			seen[key][name] = r.Version + "/" + r.Hash
+			seen[key][name] = fmt.Sprintf("%s/%s/%v", r.Version, r.Hash, r.Deleted)
 		}
 	}
 	var diffs []string
@@ -285,7 +511,7 @@ func dumpDiff(ds map[string]*dump) string {
 	}
 	var counts []string
 	for name, d := range ds {
-		counts = append(counts, fmt.Sprintf("%s: %d live, %d tombstones", name, d.Live, d.Tombstones))
+		counts = append(counts, fmt.Sprintf("%s: %d live, %d tombstones, %d keys deferred by clock skew", name, d.Live, d.Tombstones, len(d.deferred)))
 	}
 	sort.Strings(counts)
 	return fmt.Sprintf("groups of equal dumps %s; %d records differ, e.g. %s; %s", strings.Join(gs, " "), n,
@@ -315,6 +541,7 @@ func (c *cluster) awaitConvergence(healed, deadline time.Time) (map[string]*dump
 		polled := time.Now() // the dumps show the state from here on
 		ds, err := c.dumps()
 		if err == nil {
+			prepare(ds, c.offsets(), c.horizon(), polled)
 			last = ds
 			if identical(ds) && !polled.After(deadline) {
 				return ds, polled.Sub(healed), ""

@@ -28,8 +28,10 @@ import (
 	"github.com/homecircle/circle/integration/netlab"
 )
 
-// nodeBin is the faultnode binary, built once by TestMain.
-var nodeBin string
+// nodeBin is the faultnode binary, built once by TestMain; nextWireBin is
+// the same built with -tags circle_nextwire, a node that speaks the next
+// wire version (replicator/version_build_next.go).
+var nodeBin, nextWireBin string
 
 func TestMain(m *testing.M) { os.Exit(runMain(m)) }
 
@@ -53,11 +55,14 @@ func runMain(m *testing.M) int {
 	}
 	defer os.RemoveAll(dir)
 	nodeBin = filepath.Join(dir, "faultnode")
-	build := exec.Command("go", "build", "-o", nodeBin, "github.com/homecircle/circle/integration/faults/faultnode")
-	build.Stdout, build.Stderr = os.Stderr, os.Stderr
-	if err := build.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "building faultnode:", err)
-		return 1
+	nextWireBin = filepath.Join(dir, "faultnode-nextwire")
+	for _, b := range [][]string{{"-o", nodeBin}, {"-tags", "circle_nextwire", "-o", nextWireBin}} {
+		build := exec.Command("go", append(append([]string{"build"}, b...), "github.com/homecircle/circle/integration/faults/faultnode")...)
+		build.Stdout, build.Stderr = os.Stderr, os.Stderr
+		if err := build.Run(); err != nil {
+			fmt.Fprintln(os.Stderr, "building faultnode:", err)
+			return 1
+		}
 	}
 	return m.Run()
 }
@@ -96,6 +101,12 @@ type clusterOpts struct {
 	// other node.
 	firstNoJoin bool
 	replicas    int // default 2
+	// tombstoneHorizon is the nodes' replicator TombstoneHorizon (0: the
+	// default, 72 h).
+	tombstoneHorizon time.Duration
+	// nextWire names the nodes that run the faultnode built with
+	// -tags circle_nextwire (the next wire version).
+	nextWire []string
 }
 
 // cluster is one lab with its faultnode processes and the run's history.
@@ -109,8 +120,9 @@ type cluster struct {
 	out    string // kept artifacts directory (logs, history, verdict)
 	hist   *history
 
-	mu    sync.Mutex // guards parts
+	mu    sync.Mutex // guards parts and wiped
 	parts [][2]*fnode
+	wiped map[string]time.Time // node -> when its data dir was wiped
 }
 
 // fnode is one faultnode process (and its namespace).
@@ -281,8 +293,15 @@ func (n *fnode) launch() {
 	args := []string{"-name", n.name, "-dir", n.dir, "-secret-file", n.c.secret,
 		"-listen", fmt.Sprintf("0.0.0.0:%d", meshPort), "-join", strings.Join(n.join(), ","),
 		"-replicas", fmt.Sprint(n.c.opts.replicas), "-ctl", n.sock, "-offset", off.String()}
-	fmt.Fprintf(n.log, "======== start at %s: faultnode %s ========\n", time.Now().Format("15:04:05.000"), strings.Join(args, " "))
-	cmd := n.ns.Command(context.Background(), nodeBin, args...)
+	if h := n.c.opts.tombstoneHorizon; h > 0 {
+		args = append(args, "-tombstone-horizon", h.String())
+	}
+	bin := nodeBin
+	if slices.Contains(n.c.opts.nextWire, n.name) {
+		bin = nextWireBin
+	}
+	fmt.Fprintf(n.log, "======== start at %s: %s %s ========\n", time.Now().Format("15:04:05.000"), filepath.Base(bin), strings.Join(args, " "))
+	cmd := n.ns.Command(context.Background(), bin, args...)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
 	cmd.Stdout, cmd.Stderr = n.log, n.log
 	if err := cmd.Start(); err != nil {

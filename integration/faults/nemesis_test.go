@@ -153,6 +153,12 @@ func (c *cluster) wipe(n *fnode) {
 		c.t.Fatal(err)
 	}
 	c.hist.note("nemesis", "wiped the data dir of "+n.name)
+	c.mu.Lock()
+	if c.wiped == nil {
+		c.wiped = map[string]time.Time{}
+	}
+	c.wiped[n.name] = time.Now()
+	c.mu.Unlock()
 	n.launch()
 	n.waitUp()
 	c.hist.note("nemesis", "restarted "+n.name+" with an empty data dir")
@@ -161,3 +167,11 @@ func (c *cluster) wipe(n *fnode) {
 // pause lets the workloads run for d (a schedule, not a synchronisation:
 // nothing waits for an event here).
 func pause(d time.Duration) { time.Sleep(d) }
+
+// wipedBefore reports whether node's data dir was wiped before t.
+func (c *cluster) wipedBefore(node string, t time.Time) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	at, ok := c.wiped[node]
+	return ok && at.Before(t)
+}

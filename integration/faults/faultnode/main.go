@@ -1,23 +1,24 @@
 // Command faultnode is the node process of the fault-injection suite
-// (integration/faults): one replicator.Node and one identity.Service wired
-// as caddymodule wires them (a relay.Mesh on one UDP socket carrying
-// memberlist and replication streams, the relay.Manager path policy, the
-// identity buckets that are first-writer-wins, the initial sync wait before
-// identity starts), without Caddy. The test driver talks to it over a
+// (integration/faults): the product's node assembly without Caddy
+// (caddymodule/circlenode: a relay.Mesh on one UDP socket carrying
+// memberlist and replication streams, the relay.Manager path policy, one
+// replicator.Node with identity's first-writer-wins and merged buckets, the
+// initial sync wait, the identity.Service on top). The test driver talks to it over a
 // small JSON control API on a unix socket (-ctl), which it reaches whatever
 // network namespace, partition or address change the node is in.
 //
 // Its wall clock is time.Now plus an offset (-offset, and POST /clock at
-// run time), handed to both replicator.Config.Now and identity.Config.Now.
+// run time), handed to replicator.Config.Now; identity gets the replicator's
+// Node.Now built on it (the node's clock, or the circle's median if later),
+// as circlenode gives it in the product.
 //
-// It is a test binary: it trusts its caller, and it is not the product (the
-// real node assembly lives in caddymodule; issue 8 part 3 moves it into a
-// Caddy-free package that this binary should then use instead of the copy
-// in node.go).
+// It is a test binary: it trusts its caller. What it adds to circlenode is
+// only the control API, the clock offset and cheaper password hashes.
 package main
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/hex"
@@ -35,7 +36,9 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/homecircle/circle/caddymodule/circlenode"
 	"github.com/homecircle/circle/identity"
+	"github.com/homecircle/circle/relay"
 	"github.com/homecircle/circle/replicator"
 )
 
@@ -50,14 +53,16 @@ func main() {
 		dir        = flag.String("dir", "", "data directory (required)")
 		secretFile = flag.String("secret-file", "", "file with the base64 circle secret (required)")
 		listen     = flag.String("listen", "0.0.0.0:7946", "mesh UDP bind address")
-		advertise  = flag.String("advertise", "", "advertised mesh address (default: derived as caddymodule does)")
+		advertise  = flag.String("advertise", "", "advertised mesh address (default: derived as circlenode does)")
 		join       = flag.String("join", "", "comma-separated seeds host:port")
 		replicas   = flag.Int("replicas", 2, "acknowledged writes are on this many nodes")
 		ackTimeout = flag.Duration("ack-timeout", 5*time.Second, "replicator AckTimeout")
 		ctl        = flag.String("ctl", "", "unix socket of the control API (required)")
 		domain     = flag.String("domain", "circle.test", "circle domain")
 		off        = flag.Duration("offset", 0, "wall clock offset")
-		syncWait   = flag.Duration("sync-timeout", 10*time.Second, "initial sync bound (caddymodule's sync_timeout)")
+		horizon    = flag.Duration("tombstone-horizon", 0, "replicator TombstoneHorizon (0: the default)")
+		leaseTTL   = flag.Duration("lease-ttl", 3*time.Second, "TTL of the lock leases (LeaseConfig.TTL)")
+		syncWait   = flag.Duration("sync-timeout", 10*time.Second, "initial sync bound (circlenode.Config.SyncTimeout, caddymodule's sync_timeout)")
 	)
 	flag.Parse()
 	offset.Store(int64(*off))
@@ -81,7 +86,7 @@ func main() {
 		}
 	}
 	log = log.With("node", *name)
-	log.Info("faultnode starting", "listen", *listen, "join", seeds, "offset", *off, "replicas", *replicas)
+	log.Info("faultnode starting", "wire", wireBuild, "listen", *listen, "join", seeds, "offset", *off, "replicas", *replicas)
 
 	rc := replicator.DefaultConfig()
 	rc.Name = *name
@@ -92,21 +97,33 @@ func main() {
 	rc.Join = seeds
 	rc.Replicas = *replicas
 	rc.AckTimeout = *ackTimeout
-	rc.FirstWriterWins = identity.FirstWriterWinsBuckets()
+	circlenode.IdentityBuckets(&rc)
 	rc.Logger = log.With("component", "replicator")
 	rc.Now = now
+	if *horizon > 0 {
+		rc.TombstoneHorizon = *horizon
+	}
 
 	ic := identity.Config{
 		Domain: *domain,
 		Secret: secret,
 		Logger: log.With("component", "identity"),
-		Now:    now,
+		// Now left nil: circlenode.Open gives identity the replicator's
+		// Node.Now, which includes the offset (rc.Now) and follows the
+		// circle's median clock when this node's is slow, as in caddy.
 		// Cheaper hashes than the product's (19 MiB, t=2): the suite checks
 		// replication, not password hashing, and shares 2 cores.
 		Argon2Memory: 4 * 1024,
 		Argon2Time:   1,
 	}
-	n, err := openNode(nodeConfig{replicator: rc, identity: ic, listen: *listen, advertise: *advertise, syncTimeout: *syncWait, log: log})
+	cn, err := circlenode.Open(circlenode.Config{
+		Replicator:  rc,
+		Identity:    ic,
+		SyncTimeout: *syncWait,
+		Listen:      *listen,
+		Advertise:   *advertise,
+		Logger:      log,
+	})
 	if err != nil {
 		fatal(log, "opening node", err)
 	}
@@ -116,6 +133,15 @@ func main() {
 	if err != nil {
 		fatal(log, "control socket", err)
 	}
+	n := &node{name: *name, cn: cn, mesh: cn.Mesh(), repl: cn.Replicator(), ident: cn.Identity()}
+	n.leases = replicator.NewLeases(n.repl, replicator.LeaseConfig{
+		Owner: *name + "/" + randomSuffix(), // a new holder per process, as caddymodule.Storage
+		TTL:   *leaseTTL,
+		Poll:  *leaseTTL / 10,
+		OnLost: func(lock string, err error) {
+			log.Warn("lock lease lost", "lock", lock, "error", err)
+		},
+	})
 	srv := &http.Server{Handler: newControl(n, log), ReadHeaderTimeout: 5 * time.Second}
 	go srv.Serve(ln)
 	log.Info("faultnode ready", "advertise", n.mesh.Addr().String())
@@ -127,7 +153,22 @@ func main() {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	srv.Shutdown(ctx)
 	cancel()
-	n.close()
+	n.leases.Close()
+	if err := cn.Close(); err != nil {
+		log.Warn("closing node", "error", err)
+	}
+}
+
+// node is what the control API uses of the circlenode.Node.
+type node struct {
+	name  string
+	cn    *circlenode.Node
+	mesh  *relay.Mesh
+	repl  *replicator.Node
+	ident *identity.Service
+	// leases is the process's one lock holder, as caddymodule.Storage has
+	// one per storage instance.
+	leases *replicator.Leases
 }
 
 func fatal(log *slog.Logger, what string, err error) {
@@ -140,6 +181,9 @@ func fatal(log *slog.Logger, what string, err error) {
 type control struct {
 	n   *node
 	log *slog.Logger
+	// finished counts /lock/finish calls: an order that sees it change
+	// ends its hold early (the driver stops its workloads).
+	finished atomic.Int64
 }
 
 func newControl(n *node, log *slog.Logger) http.Handler {
@@ -165,6 +209,8 @@ func newControl(n *node, log *slog.Logger) http.Handler {
 	mux.HandleFunc("POST /session/revoke", c.sessionRevoke)
 	mux.HandleFunc("POST /session/revoke-all", c.sessionRevokeAll)
 	mux.HandleFunc("POST /session/verify", c.sessionVerify)
+	mux.HandleFunc("POST /lock/order", c.lockOrder)
+	mux.HandleFunc("POST /lock/finish", c.lockFinish)
 	return mux
 }
 
@@ -207,7 +253,7 @@ func reply(w http.ResponseWriter, v any) {
 }
 
 func (c *control) health(w http.ResponseWriter, r *http.Request) {
-	reply(w, map[string]any{"name": c.n.name, "advertise": c.n.mesh.Addr().String()})
+	reply(w, map[string]any{"name": c.n.name, "advertise": c.n.mesh.Addr().String(), "wire": wireBuild})
 }
 
 type kvReq struct {
@@ -252,19 +298,20 @@ func (c *control) kvGet(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// DumpRecord is one live record in a dump.
+// DumpRecord is one record in a dump, live or a tombstone.
 type DumpRecord struct {
 	Bucket  string `json:"bucket"`
 	Key     string `json:"key"`
 	Version string `json:"version"`
-	Hash    string `json:"hash"`            // first 8 bytes of SHA-256(value), hex
-	Value   string `json:"value,omitempty"` // the value itself for the workload buckets
+	WallMS  int64  `json:"wall_ms"`           // the version's wall time (unix ms)
+	Deleted bool   `json:"deleted,omitempty"` // a tombstone
+	Hash    string `json:"hash,omitempty"`    // first 8 bytes of SHA-256(value), hex
+	Value   string `json:"value,omitempty"`   // the value itself for the workload buckets
 }
 
-// Dump is a node's full state as far as the replicator's API shows it: every
-// live record of the known buckets with its version, plus the counts of
-// live records and tombstones over all buckets. (The API offers no listing
-// of tombstones; their count stands in for them.)
+// Dump is a node's full state: every record of the known buckets, tombstones
+// included (replicator.Node.ListWithTombstones), with its version, plus the
+// counts of live records and tombstones over all buckets.
 type Dump struct {
 	Node       string       `json:"node"`
 	Records    []DumpRecord `json:"records"`
@@ -275,21 +322,25 @@ type Dump struct {
 
 // dumpBuckets are every bucket the node writes: identity's and the
 // workloads'.
-var dumpBuckets = []string{"accounts", "usernames", "sessions", "revocations", "keys", "invites", "throttle", "reg", "set"}
+var dumpBuckets = []string{"accounts", "usernames", "sessions", "revocations", "keys", "invites", "throttle", "reg", "set",
+	"locks", "lockgrants", "lockvoters"}
 
 func (c *control) dump(w http.ResponseWriter, r *http.Request) {
 	d := Dump{Node: c.n.name}
 	for _, b := range dumpBuckets {
-		recs, err := c.n.repl.List(b, "")
+		recs, err := c.n.repl.ListWithTombstones(b, "")
 		if err != nil {
 			http.Error(w, err.Error(), http.StatusInternalServerError)
 			return
 		}
 		for _, rec := range recs {
-			h := sha256.Sum256(rec.Value)
-			dr := DumpRecord{Bucket: b, Key: rec.Key, Version: rec.Version.String(), Hash: hex.EncodeToString(h[:8])}
-			if b == "reg" || b == "set" {
-				dr.Value = string(rec.Value)
+			dr := DumpRecord{Bucket: b, Key: rec.Key, Version: rec.Version.String(), WallMS: rec.Version.WallTime().UnixMilli(), Deleted: rec.Deleted}
+			if !rec.Deleted {
+				h := sha256.Sum256(rec.Value)
+				dr.Hash = hex.EncodeToString(h[:8])
+				if b == "reg" || b == "set" {
+					dr.Value = string(rec.Value)
+				}
 			}
 			d.Records = append(d.Records, dr)
 		}
@@ -488,4 +539,132 @@ func (c *control) sessionVerify(w http.ResponseWriter, r *http.Request) {
 		out["error"] = "invalid: " + err.Error()
 	}
 	reply(w, out)
+}
+
+// ---- locks ----
+
+// lockFinish makes the orders in progress end their holds now.
+func (c *control) lockFinish(w http.ResponseWriter, r *http.Request) {
+	c.finished.Add(1)
+	reply(w, map[string]string{"type": "ok"})
+}
+
+// lockOrder simulates a certmagic ACME order: Lock the name (waiting up to
+// Wait), hold it for Hold while renewing every Renew (as certmagic's
+// RenewLockLease), then Unlock. It reports the hold interval as this holder
+// saw it, in real time (time.Now without the offset: every process of the
+// suite runs on one machine, so intervals of different nodes compare):
+// from Lock's return to the Unlock call, or, if the lease was lost, to the
+// first moment Held reported false or Renew said ErrLeaseLost /
+// ErrLeaseNotHeld (Held is sampled every 20 ms, far below the TTL/20 margin
+// by which acceptors outlast the holder's belief). The holder stops working
+// on the order as soon as it sees the lease lost.
+func (c *control) lockOrder(w http.ResponseWriter, r *http.Request) {
+	var q struct {
+		Name  string `json:"name"`
+		Wait  string `json:"wait"`
+		Hold  string `json:"hold"`
+		Renew string `json:"renew"`
+	}
+	if !decode(w, r, &q) {
+		return
+	}
+	wait, err1 := time.ParseDuration(q.Wait)
+	hold, err2 := time.ParseDuration(q.Hold)
+	every, err3 := time.ParseDuration(q.Renew)
+	if err := errors.Join(err1, err2, err3); err != nil || every <= 0 {
+		http.Error(w, fmt.Sprintf("bad durations: %v", err), http.StatusBadRequest)
+		return
+	}
+	type renewal struct {
+		AtNS  int64  `json:"at_ns"`
+		Error string `json:"error,omitempty"`
+	}
+	out := struct {
+		Type     string    `json:"type"` // ok: held and released or lost; fail: not taken
+		Error    string    `json:"error,omitempty"`
+		StartNS  int64     `json:"start_ns,omitempty"`
+		EndNS    int64     `json:"end_ns,omitempty"`
+		Lost     bool      `json:"lost,omitempty"`
+		Renewals []renewal `json:"renewals,omitempty"`
+	}{}
+	gen := c.finished.Load()
+	ctx, cancel := context.WithTimeout(r.Context(), wait)
+	err := c.n.leases.Lock(ctx, q.Name)
+	cancel()
+	if err != nil {
+		out.Type, out.Error = "fail", err.Error()
+		reply(w, out)
+		return
+	}
+	start := time.Now()
+	out.Type, out.StartNS = "ok", start.UnixNano()
+	sample := time.NewTicker(20 * time.Millisecond)
+	defer sample.Stop()
+	nextRenew := start.Add(every)
+	end := start.Add(hold)
+	// Renewals run beside the sampling, so a renewal that waits for
+	// acknowledgements does not hide the moment the lease ends.
+	renewed := make(chan renewal, 1)
+	renewing := false
+	lost := func(at time.Time) {
+		out.Lost, out.EndNS = true, at.UnixNano()
+		c.log.Warn("lock order: lease no longer held", "lock", q.Name, "held_for", at.Sub(start))
+	}
+loop:
+	for {
+		select {
+		case rn := <-renewed:
+			renewing = false
+			out.Renewals = append(out.Renewals, rn)
+			if rn.Error != "" && (strings.Contains(rn.Error, replicator.ErrLeaseLost.Error()) || strings.Contains(rn.Error, replicator.ErrLeaseNotHeld.Error())) {
+				lost(time.Now())
+				break loop
+			}
+			continue
+		case <-sample.C:
+		}
+		now := time.Now()
+		if !c.n.leases.Held(q.Name) {
+			lost(now)
+			break
+		}
+		if !now.Before(end) || c.finished.Load() != gen {
+			out.EndNS = now.UnixNano() // the holder stops working here, then releases
+			if renewing {
+				<-renewed
+			}
+			uctx, ucancel := context.WithTimeout(context.Background(), opTimeout)
+			if err := c.n.leases.Unlock(uctx, q.Name); err != nil {
+				out.Error = "unlock: " + err.Error()
+				out.Lost = errors.Is(err, replicator.ErrLeaseLost) || errors.Is(err, replicator.ErrLeaseNotHeld)
+			}
+			ucancel()
+			break
+		}
+		if !renewing && !now.Before(nextRenew) {
+			nextRenew = nextRenew.Add(every)
+			renewing = true
+			go func() {
+				rctx, rcancel := context.WithTimeout(context.Background(), every)
+				err := c.n.leases.Renew(rctx, q.Name, 0)
+				rcancel()
+				rn := renewal{AtNS: time.Now().UnixNano()}
+				if err != nil {
+					rn.Error = err.Error()
+				}
+				renewed <- rn
+			}()
+		}
+	}
+	if renewing && out.Lost {
+		go func() { <-renewed }()
+	}
+	reply(w, out)
+}
+
+func randomSuffix() string {
+	var b [4]byte
+	rand.Read(b[:])
+	return hex.EncodeToString(b[:])
 }
