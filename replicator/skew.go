@@ -42,7 +42,10 @@ import (
 //     whose clock alone is wrong, slow or fast, follows the others: it
 //     accepts their records and versions its own writes by their time,
 //     instead of refusing everything current (slow) or having all its
-//     writes refused (fast). A majority of wrong clocks wins.
+//     writes refused (fast). A majority of wrong clocks wins. The circle's
+//     time never goes back: when the median falls below the circle time
+//     last known (carried forward by the monotonic clock), the latter is
+//     kept, or records written in between would be ahead of everyone.
 //   - with fewer (two nodes, or cut off from the circle), this node's wall
 //     clock, unless it stepped away from the circle's time this node last
 //     knew: the last circle time it measured (from a median, or from two
@@ -331,21 +334,37 @@ func (n *Node) circleNow() time.Time {
 		}
 	}
 	n.skew.mu.Unlock()
-	if len(offsets) >= 3 {
+	var t time.Time
+	measured := false
+	switch {
+	case len(offsets) >= 3:
 		slices.Sort(offsets)
-		t := now.Add(offsets[(len(offsets)-1)/2])
-		n.skew.anchor(t)
-		return t
-	}
-	if len(offsets) == 2 && offsets[1].Abs() <= n.cfg.MaxClockSkew {
-		n.skew.anchor(now) // two clocks that agree: ours is the circle's
-		return now
+		t, measured = now.Add(offsets[(len(offsets)-1)/2]), true
+	case len(offsets) == 2 && offsets[1].Abs() <= n.cfg.MaxClockSkew:
+		t, measured = now, true // two clocks that agree: ours is the circle's
 	}
 	a, ok := n.skew.anchored()
-	if ok && a.Sub(now).Abs() > n.cfg.MaxClockSkew {
-		return a // our wall clock stepped away from the circle's time since we last knew it
+	switch {
+	case !ok && !measured:
+		return now // the circle's time was never measured: our own clock
+	case !ok:
+		// first measurement
+	case !measured:
+		// Only our own clock: follow it unless it stepped away from the
+		// circle's time we last knew (back, or ahead by more than the
+		// maximum).
+		if now.Before(a) || now.Sub(a) > n.cfg.MaxClockSkew {
+			return a
+		}
+		t = now
+	case t.Before(a):
+		// The circle's time never goes back: a median that falls (a clock
+		// stepped back, or a node with another clock became the middle
+		// one) would leave every record written since ahead of it.
+		t = a
 	}
-	return now
+	n.skew.anchor(t)
+	return t
 }
 
 // circleKnown reports whether the last circleNow came from the circle's
