@@ -59,11 +59,7 @@ func caddyPKISequence(ctx context.Context, s *Storage, id string, gen caPairs) (
 func TestStorageCAFirstStartOnce(t *testing.T) {
 	ctx := context.Background()
 	nodes := openTestCluster(t, "c1", "c2", "c3")
-	key := testSecret(t)
-	var ss []*Storage
-	for _, n := range nodes {
-		ss = append(ss, newTestStorage(t, n, key))
-	}
+	ss := newTestStorages(t, testSecret(t), nodes...)
 	for round := range 5 {
 		id := fmt.Sprintf("ca%d", round)
 		gens := make([]caPairs, len(ss))

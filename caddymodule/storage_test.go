@@ -99,6 +99,16 @@ func testCertPEM(t *testing.T, names ...string) (certPEM, keyPEM []byte) {
 		pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kder})
 }
 
+// newTestStorages returns a storage on each of nodes, all with key.
+func newTestStorages(t *testing.T, key []byte, nodes ...*replicator.Node) []*Storage {
+	t.Helper()
+	var ss []*Storage
+	for _, n := range nodes {
+		ss = append(ss, newTestStorage(t, n, key))
+	}
+	return ss
+}
+
 func newTestStorage(t *testing.T, n *replicator.Node, key []byte) *Storage {
 	t.Helper()
 	s := &Storage{LockTTL: caddy.Duration(600 * time.Millisecond), LockPollInterval: caddy.Duration(20 * time.Millisecond)}
@@ -400,11 +410,7 @@ func TestStorageAllAliveAck(t *testing.T) {
 	// too: the acknowledgement comes from the store, not the module.
 	all := openTestCluster(t, "a1", "a2", "a3", "a4")
 	ns := all[:3]
-	key := testSecret(t)
-	var ss []*Storage
-	for _, n := range ns {
-		ss = append(ss, newTestStorage(t, n, key))
-	}
+	ss := newTestStorages(t, testSecret(t), ns...)
 	for i := range 5 {
 		k := fmt.Sprintf("acme/ca/challenge_tokens/name%d.json", i)
 		start := time.Now()
@@ -431,11 +437,7 @@ func TestStorageAllAliveAck(t *testing.T) {
 func TestStorageLockAcrossNodes(t *testing.T) {
 	ctx := context.Background()
 	ns := openTestCluster(t, "l1", "l2", "l3")
-	key := testSecret(t)
-	var ss []*Storage
-	for _, n := range ns {
-		ss = append(ss, newTestStorage(t, n, key))
-	}
+	ss := newTestStorages(t, testSecret(t), ns...)
 	for round := range 5 {
 		name := fmt.Sprintf("issue_cert_round%d.example", round)
 		var wins atomic.Int32
