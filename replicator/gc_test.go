@@ -100,18 +100,7 @@ func TestReturnAfterHorizonDoesNotResurrect(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The tombstone is collected once a and c have exchanged after it.
-	for _, n := range []*Node{a, c} {
-		rounds := n.Stats().AntiEntropyRounds
-		waitFor(t, 10*time.Second, "an exchange after the delete", func() bool { return n.Stats().AntiEntropyRounds >= rounds+2 })
-	}
-	for _, n := range []*Node{a, c} {
-		if _, err := n.collectGarbage(); err != nil {
-			t.Fatal(err)
-		}
-		if st := n.Stats(); st.Tombstones != 0 {
-			t.Fatalf("%s: %d tombstones left after the horizon (GC missing)", n.Name(), st.Tombstones)
-		}
-	}
+	collectAfterExchanges(t, a, c)
 
 	// b comes back, writing before it meets anyone.
 	cb.Join = []string{a.Addr()}
@@ -156,4 +145,23 @@ func TestCollectorRunsInBackground(t *testing.T) {
 		st := n.Stats()
 		return st.Tombstones == 0 && st.TombstonesCollected == 1
 	})
+}
+
+// collectAfterExchanges waits until each of nodes has completed two more
+// anti-entropy exchanges, then collects garbage on each and requires that
+// no tombstone is left (they are past the horizon).
+func collectAfterExchanges(t *testing.T, nodes ...*Node) {
+	t.Helper()
+	for _, n := range nodes {
+		rounds := n.Stats().AntiEntropyRounds
+		waitFor(t, 10*time.Second, "an exchange after the delete", func() bool { return n.Stats().AntiEntropyRounds >= rounds+2 })
+	}
+	for _, n := range nodes {
+		if _, err := n.collectGarbage(); err != nil {
+			t.Fatal(err)
+		}
+		if st := n.Stats(); st.Tombstones != 0 {
+			t.Fatalf("%s: %d tombstones left after the horizon (GC missing)", n.Name(), st.Tombstones)
+		}
+	}
 }

@@ -64,18 +64,7 @@ func TestReturnAfterHorizonRecordsReceivedLast(t *testing.T) {
 	}
 	waitFor(t, 10*time.Second, "tombstone on c", func() bool { return absent(c, "acct", "doomed") })
 	clock.advance(pastHorizon(ca))
-	for _, n := range []*Node{a, c} {
-		rounds := n.Stats().AntiEntropyRounds
-		waitFor(t, 10*time.Second, "an exchange after the delete", func() bool { return n.Stats().AntiEntropyRounds >= rounds+2 })
-	}
-	for _, n := range []*Node{a, c} {
-		if _, err := n.collectGarbage(); err != nil {
-			t.Fatal(err)
-		}
-		if st := n.Stats(); st.Tombstones != 0 {
-			t.Fatalf("%s: %d tombstones left after the horizon (GC missing)", n.Name(), st.Tombstones)
-		}
-	}
+	collectAfterExchanges(t, a, c)
 
 	// b comes back.
 	cb.Join = []string{a.Addr()}
