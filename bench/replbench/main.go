@@ -14,12 +14,12 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"sort"
 	"sync"
 	"time"
 
+	"github.com/homecircle/circle/bench/internal/ports"
 	"github.com/homecircle/circle/replicator"
 )
 
@@ -48,23 +48,6 @@ func pct(d []time.Duration, p int) time.Duration {
 	return s[i].Round(10 * time.Microsecond)
 }
 
-func freePort() (int, error) {
-	for i := 0; i < 50; i++ {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return 0, err
-		}
-		port := l.Addr().(*net.TCPAddr).Port
-		u, err := net.ListenPacket("udp", fmt.Sprintf("127.0.0.1:%d", port))
-		l.Close()
-		if err == nil {
-			u.Close()
-			return port, nil
-		}
-	}
-	return 0, fmt.Errorf("no free port")
-}
-
 func measure(size, writes int) (ack, all []time.Duration, err error) {
 	secret := make([]byte, 32)
 	rand.Read(secret)
@@ -82,7 +65,7 @@ func measure(size, writes int) (ack, all []time.Duration, err error) {
 	}()
 	var seeds []string
 	for i := 0; i < size; i++ {
-		port, err := freePort()
+		port, err := ports.Free()
 		if err != nil {
 			return nil, nil, err
 		}
