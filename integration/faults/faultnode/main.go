@@ -190,9 +190,13 @@ func newControl(n *node, log *slog.Logger) http.Handler {
 	c := &control{n: n, log: log}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /health", c.health)
-	mux.HandleFunc("POST /kv/put", c.kvPut)
+	mux.HandleFunc("POST /kv/put", write(func(ctx context.Context, q kvReq) error {
+		return c.n.repl.Put(ctx, q.Bucket, q.Key, []byte(q.Value))
+	}))
 	mux.HandleFunc("POST /kv/get", c.kvGet)
-	mux.HandleFunc("POST /kv/delete", c.kvDelete)
+	mux.HandleFunc("POST /kv/delete", write(func(ctx context.Context, q kvReq) error {
+		return c.n.repl.Delete(ctx, q.Bucket, q.Key)
+	}))
 	mux.HandleFunc("GET /dump", c.dump)
 	mux.HandleFunc("GET /members", c.members)
 	mux.HandleFunc("GET /stats", c.stats)
@@ -206,8 +210,12 @@ func newControl(n *node, log *slog.Logger) http.Handler {
 	mux.HandleFunc("POST /acct/login", c.acctLogin)
 	mux.HandleFunc("POST /acct/probe", c.acctProbe)
 	mux.HandleFunc("POST /session/issue", c.sessionIssue)
-	mux.HandleFunc("POST /session/revoke", c.sessionRevoke)
-	mux.HandleFunc("POST /session/revoke-all", c.sessionRevokeAll)
+	mux.HandleFunc("POST /session/revoke", write(func(ctx context.Context, q sidReq) error {
+		return c.n.ident.RevokeSession(ctx, q.SID)
+	}))
+	mux.HandleFunc("POST /session/revoke-all", write(func(ctx context.Context, q acctReq) error {
+		return c.n.ident.RevokeAll(ctx, q.ID)
+	}))
 	mux.HandleFunc("POST /session/verify", c.sessionVerify)
 	mux.HandleFunc("POST /lock/order", c.lockOrder)
 	mux.HandleFunc("POST /lock/finish", c.lockFinish)
@@ -256,30 +264,28 @@ func (c *control) health(w http.ResponseWriter, r *http.Request) {
 	reply(w, map[string]any{"name": c.n.name, "advertise": c.n.mesh.Addr().String(), "wire": wireBuild})
 }
 
+// write serves a request whose body decodes into Q and that is one write
+// of the node, bounded by opTimeout, answered by classify.
+func write[Q any](do func(ctx context.Context, q Q) error) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		var q Q
+		if !decode(w, r, &q) {
+			return
+		}
+		ctx, cancel := context.WithTimeout(r.Context(), opTimeout)
+		defer cancel()
+		reply(w, classify(do(ctx, q)))
+	}
+}
+
+type sidReq struct {
+	SID string `json:"sid"`
+}
+
 type kvReq struct {
 	Bucket string `json:"bucket"`
 	Key    string `json:"key"`
 	Value  string `json:"value,omitempty"`
-}
-
-func (c *control) kvPut(w http.ResponseWriter, r *http.Request) {
-	var q kvReq
-	if !decode(w, r, &q) {
-		return
-	}
-	ctx, cancel := context.WithTimeout(r.Context(), opTimeout)
-	defer cancel()
-	reply(w, classify(c.n.repl.Put(ctx, q.Bucket, q.Key, []byte(q.Value))))
-}
-
-func (c *control) kvDelete(w http.ResponseWriter, r *http.Request) {
-	var q kvReq
-	if !decode(w, r, &q) {
-		return
-	}
-	ctx, cancel := context.WithTimeout(r.Context(), opTimeout)
-	defer cancel()
-	reply(w, classify(c.n.repl.Delete(ctx, q.Bucket, q.Key)))
 }
 
 func (c *control) kvGet(w http.ResponseWriter, r *http.Request) {
@@ -494,28 +500,6 @@ func (c *control) sessionIssue(w http.ResponseWriter, r *http.Request) {
 		res.Type = "fail"
 	}
 	reply(w, map[string]any{"type": res.Type, "error": res.Error, "token": tok, "sid": sess.ID})
-}
-
-func (c *control) sessionRevoke(w http.ResponseWriter, r *http.Request) {
-	var q struct {
-		SID string `json:"sid"`
-	}
-	if !decode(w, r, &q) {
-		return
-	}
-	ctx, cancel := context.WithTimeout(r.Context(), opTimeout)
-	defer cancel()
-	reply(w, classify(c.n.ident.RevokeSession(ctx, q.SID)))
-}
-
-func (c *control) sessionRevokeAll(w http.ResponseWriter, r *http.Request) {
-	var q acctReq
-	if !decode(w, r, &q) {
-		return
-	}
-	ctx, cancel := context.WithTimeout(r.Context(), opTimeout)
-	defer cancel()
-	reply(w, classify(c.n.ident.RevokeAll(ctx, q.ID)))
 }
 
 func (c *control) sessionVerify(w http.ResponseWriter, r *http.Request) {
